@@ -1,0 +1,26 @@
+"""qat-planner: plan QuantStub/DeQuantStub placement, fusion and fp32 islands for eager-mode QAT."""
+
+from .errors import EmitError, ModelSpecError, PlanError, PlannerError, PlannerWarning, RuleError, TraceError
+from .plan import Plan, plan
+from .rules import Fusion, Match, QConfigPreset, Rule, RuleSet, Substitution, load_rules
+from .trace import trace
+
+__all__ = [
+    "plan",
+    "trace",
+    "Plan",
+    "Match",
+    "Rule",
+    "Fusion",
+    "Substitution",
+    "QConfigPreset",
+    "RuleSet",
+    "load_rules",
+    "PlannerError",
+    "TraceError",
+    "RuleError",
+    "PlanError",
+    "EmitError",
+    "ModelSpecError",
+    "PlannerWarning",
+]

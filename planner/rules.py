@@ -1,0 +1,356 @@
+"""Rule sets as data: Pydantic models, JSON loading with precise errors, and the built-in sets."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import RuleError
+
+__all__ = [
+    "Match",
+    "Rule",
+    "Fusion",
+    "Substitution",
+    "QConfigPreset",
+    "RuleSet",
+    "load_rules",
+    "builtin_rule_sets",
+    "resolve_rules",
+    "ResolvedRules",
+    "RuleOrigin",
+    "SUBSTITUTION_TARGETS",
+]
+
+Action = Literal["quantize", "float", "passthrough"]
+Backend = Literal["x86", "fbgemm", "qnnpack", "onednn"]
+
+# Replacement module types the emitter knows how to build, with the source types each accepts
+# ("*" means any module without parameters). A substitution outside this table is rejected at load.
+SUBSTITUTION_TARGETS: dict[str, tuple[str, ...]] = {
+    "torch.nn.Linear": ("transformers.pytorch_utils.Conv1D",),
+    "torch.nn.GELU": ("*",),
+}
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _as_tuple(value: Any) -> Any:
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, list):
+        return tuple(value)
+    return value
+
+
+class Match(_Model):
+    """Which graph nodes a rule applies to. Every field that is set must match (AND); a list means OR.
+
+    ``type`` matches a module node by its class name, short (``Linear``) or qualified
+    (``torch.nn.modules.linear.Linear``); a substituted module is matched by its replacement type as
+    well. ``fqn`` is a glob on the module path (``transformer.h.*.mlp.*``); for op nodes it matches the
+    enclosing module's path. ``op`` matches op nodes by canonical op name (``softmax``, ``add``).
+    """
+
+    type: tuple[str, ...] | None = None
+    fqn: tuple[str, ...] | None = None
+    fqn_regex: str | None = None
+    op: tuple[str, ...] | None = None
+
+    _normalize = field_validator("type", "fqn", "op", mode="before")(_as_tuple)
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> "Match":
+        if self.type is None and self.fqn is None and self.fqn_regex is None and self.op is None:
+            raise ValueError("a match needs at least one of 'type', 'fqn', 'fqn_regex' or 'op'")
+        if self.type is not None and self.op is not None:
+            raise ValueError("'type' matches module nodes and 'op' matches op nodes, so a match with both matches nothing")
+        return self
+
+    @property
+    def specificity(self) -> int:
+        """Rank used to order rules of equal priority: an exact path beats a glob or regex beats a type or op."""
+        score = 0
+        if self.fqn is not None:
+            score += 4 if all(not any(c in p for c in "*?[") for p in self.fqn) else 2
+        if self.fqn_regex is not None:
+            score += 2
+        if self.type is not None or self.op is not None:
+            score += 1
+        return score
+
+
+class Rule(_Model):
+    """Decide the domain of matching nodes: run them quantized, keep them float, or let the planner choose."""
+
+    match: Match
+    action: Action
+    qconfig: str | None = None
+    reason: str | None = None
+    priority: int = 0
+
+
+class Fusion(_Model):
+    """An ordered chain of module types to fuse with ``fuse_modules_qat`` (``["Linear", "ReLU"]``)."""
+
+    types: tuple[str, ...] = Field(min_length=2)
+
+    _normalize = field_validator("types", mode="before")(_as_tuple)
+
+
+class Substitution(_Model):
+    """Replace modules of type ``source`` by an equivalent ``target`` the eager quantization flow knows."""
+
+    source: str
+    target: str
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    reason: str | None = None
+
+    @model_validator(mode="after")
+    def _known_target(self) -> "Substitution":
+        if self.target not in SUBSTITUTION_TARGETS:
+            raise ValueError(f"unknown substitution target {self.target!r}; accepted: {sorted(SUBSTITUTION_TARGETS)}")
+        sources = SUBSTITUTION_TARGETS[self.target]
+        if "*" not in sources and self.source not in sources:
+            raise ValueError(f"no converter from {self.source!r} to {self.target!r}; accepted sources: {list(sources)}")
+        return self
+
+
+class QConfigPreset(_Model):
+    """A named qconfig, so rule files choose quantization schemes without code.
+
+    ``scheme="activation_and_weight"`` builds a QAT qconfig with fake-quantized activations and weights;
+    ``scheme="float_qparams_weight_only"`` is the only scheme embeddings accept.
+    """
+
+    scheme: Literal["activation_and_weight", "float_qparams_weight_only"] = "activation_and_weight"
+    backend: Backend = "x86"
+    weight: Literal["per_channel", "per_tensor"] = "per_channel"
+
+
+class RuleSet(_Model):
+    """A named collection of rules, fusions, substitutions and qconfig presets.
+
+    Precedence among rules that match one node: higher ``priority`` wins, then higher
+    `Match.specificity`, then the rule that comes later (rules of an extended set come before the
+    extending set's own rules). A node no rule matches stays fp32.
+    """
+
+    version: Literal[1] = 1
+    name: str
+    description: str | None = None
+    extends: tuple[str, ...] = ()
+    default_qconfig: str = "x86"
+    presets: dict[str, QConfigPreset] = Field(default_factory=dict)
+    rules: tuple[Rule, ...] = ()
+    fusions: Union[Literal["torch"], tuple[Fusion, ...]] = ()
+    substitutions: tuple[Substitution, ...] = ()
+
+    _normalize = field_validator("extends", mode="before")(_as_tuple)
+
+
+BUILTIN_PRESETS: dict[str, QConfigPreset] = {
+    "x86": QConfigPreset(backend="x86"),
+    "fbgemm": QConfigPreset(backend="fbgemm"),
+    "qnnpack": QConfigPreset(backend="qnnpack", weight="per_tensor"),
+    "onednn": QConfigPreset(backend="onednn"),
+    "x86_per_tensor": QConfigPreset(backend="x86", weight="per_tensor"),
+    "float_qparams_weight_only": QConfigPreset(scheme="float_qparams_weight_only"),
+}
+
+
+def _builtin_dir() -> Path:
+    """Return the folder of built-in rule files: inside an installed wheel, or ``rules/`` in a checkout."""
+    package = Path(__file__).resolve().parent
+    for candidate in (package / "builtin_rules", package.parent / "rules"):
+        if candidate.is_dir() and any(candidate.glob("*.json")):
+            return candidate
+    raise RuleError(f"built-in rule files not found next to {package}; reinstall qat-planner")
+
+
+def builtin_rule_sets() -> dict[str, Path]:
+    """Return the built-in rule sets, name -> JSON file."""
+    return {p.stem: p for p in sorted(_builtin_dir().glob("*.json"))}
+
+
+def load_rules(name_or_path: str | Path | RuleSet) -> RuleSet:
+    """Load one rule set by built-in name (``"default"``) or from a JSON file, without resolving ``extends``.
+
+    Raises:
+        RuleError: the file is missing, is not valid JSON, or does not match the schema. The message
+            names the file, the JSON path of the bad value (``rules[3].match.type``), the value and what
+            is accepted.
+    """
+    if isinstance(name_or_path, RuleSet):
+        return name_or_path
+    builtin = builtin_rule_sets()
+    text_name = str(name_or_path)
+    if text_name in builtin:
+        path = builtin[text_name]
+    else:
+        path = Path(text_name)
+        if not path.is_file():
+            raise RuleError(
+                f"rule set {text_name!r} not found: it is neither a built-in set ({', '.join(builtin)}) nor a JSON file"
+            )
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise RuleError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+    except OSError as exc:
+        raise RuleError(f"{path}: cannot read rule file: {exc.strerror}") from None
+    if isinstance(data, dict) and "name" not in data:
+        data = {**data, "name": path.stem}
+    try:
+        return RuleSet.model_validate(data)
+    except ValidationError as exc:
+        raise RuleError(_format_validation_error(path, exc)) from None
+
+
+def _format_validation_error(path: Path, exc: ValidationError) -> str:
+    lines = []
+    for error in exc.errors():
+        location = _json_path(error["loc"])
+        value = error.get("input")
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            message = f"unknown key; accepted keys: {_accepted_keys(error['loc'])}"
+        elif error["type"] == "literal_error":
+            message = f"invalid value; {message[0].lower()}{message[1:]}"
+        lines.append(f"{path}: {location}: {message} (got {value!r})")
+    return "\n".join(_dedupe(lines))
+
+
+def _dedupe(lines: list[str]) -> list[str]:
+    seen: list[str] = []
+    for line in lines:
+        if line not in seen:
+            seen.append(line)
+    return seen
+
+
+def _json_path(loc: tuple[Any, ...]) -> str:
+    text = ""
+    for part in loc:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        elif part in ("tuple[Fusion, ...]", "literal['torch']"):
+            continue
+        else:
+            text += f".{part}" if text else str(part)
+    return text or "<root>"
+
+
+def _accepted_keys(loc: tuple[Any, ...]) -> str:
+    """Return the field names of the model that contains the unknown key at ``loc``."""
+    model: Any = RuleSet
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part) if hasattr(model, "model_fields") else None
+        if field is None:
+            continue
+        annotation = field.annotation
+        for candidate in (Rule, Match, Fusion, Substitution, QConfigPreset):
+            if candidate is annotation or candidate.__name__ in str(annotation):
+                model = candidate
+                break
+    return ", ".join(model.model_fields)
+
+
+@dataclass(frozen=True)
+class RuleOrigin:
+    """Where a rule was written: the rule set's name, its file (``None`` for sets built in Python) and index."""
+
+    ruleset: str
+    file: str | None
+    index: int
+
+    def __str__(self) -> str:
+        return f"{self.ruleset}:rules[{self.index}]"
+
+
+@dataclass(frozen=True)
+class ResolvedRules:
+    """Rule sets after ``extends`` is applied: rules in precedence order of writing, with their origin."""
+
+    name: str
+    rules: tuple[tuple[Rule, RuleOrigin], ...]
+    substitutions: tuple[Substitution, ...]
+    fusions: tuple[tuple[str, ...], ...] | Literal["torch"]
+    presets: dict[str, QConfigPreset]
+    default_qconfig: str
+
+
+def resolve_rules(rules: str | Path | RuleSet | list[str | Path | RuleSet]) -> ResolvedRules:
+    """Load rule sets and merge their ``extends`` chains into one `ResolvedRules`.
+
+    A list means the sets are applied in order, as if each later one extended the earlier ones.
+
+    Raises:
+        RuleError: a set cannot be loaded, ``extends`` names a missing set or forms a cycle, or a rule
+            names a qconfig preset that is not defined.
+    """
+    items = rules if isinstance(rules, list) else [rules]
+    if not items:
+        raise RuleError("no rule set given; pass a built-in name such as 'default' or a JSON file")
+    ordered: list[tuple[Rule, RuleOrigin]] = []
+    substitutions: list[Substitution] = []
+    presets = dict(BUILTIN_PRESETS)
+    fusions: list[tuple[str, ...]] | Literal["torch"] = []
+    names: list[str] = []
+    default_qconfig = "x86"
+    for item in items:
+        for ruleset, file in _expand(item, stack=()):
+            names.append(ruleset.name)
+            ordered.extend((rule, RuleOrigin(ruleset.name, file, i)) for i, rule in enumerate(ruleset.rules))
+            substitutions.extend(ruleset.substitutions)
+            presets.update(ruleset.presets)
+            if ruleset.fusions == "torch" or fusions == "torch":
+                fusions = "torch"
+            else:
+                fusions.extend(f.types for f in ruleset.fusions)
+            if "default_qconfig" in ruleset.model_fields_set:
+                default_qconfig = ruleset.default_qconfig
+    resolved = ResolvedRules(
+        name="+".join(dict.fromkeys(names)),
+        rules=tuple(ordered),
+        substitutions=tuple(substitutions),
+        fusions=fusions if fusions == "torch" else tuple(fusions),
+        presets=presets,
+        default_qconfig=default_qconfig,
+    )
+    _check_presets(resolved)
+    return resolved
+
+
+def _expand(item: str | Path | RuleSet, stack: tuple[str, ...]) -> list[tuple[RuleSet, str | None]]:
+    ruleset = load_rules(item)
+    file = None if isinstance(item, RuleSet) else str(_rule_file(item))
+    if ruleset.name in stack:
+        raise RuleError(f"rule set {ruleset.name!r} extends itself: {' -> '.join((*stack, ruleset.name))}")
+    chain: list[tuple[RuleSet, str | None]] = []
+    for parent in ruleset.extends:
+        chain.extend(_expand(parent, (*stack, ruleset.name)))
+    chain.append((ruleset, file))
+    return chain
+
+
+def _rule_file(name_or_path: str | Path) -> Path:
+    return builtin_rule_sets().get(str(name_or_path), Path(name_or_path))
+
+
+def _check_presets(resolved: ResolvedRules) -> None:
+    known = sorted(resolved.presets)
+    if resolved.default_qconfig not in resolved.presets:
+        raise RuleError(f"rule set {resolved.name!r}: default_qconfig {resolved.default_qconfig!r} is not a preset; accepted: {known}")
+    for rule, origin in resolved.rules:
+        if rule.qconfig is not None and rule.qconfig not in resolved.presets:
+            where = origin.file or origin.ruleset
+            raise RuleError(f"{where}: rules[{origin.index}].qconfig: unknown preset {rule.qconfig!r}; accepted: {known}")

@@ -1,0 +1,235 @@
+"""Trace a model with torch.export into an `OpGraph` of leaf-module calls and tensor ops."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import traceback
+from collections import defaultdict
+from typing import Any
+
+import networkx as nx
+import torch
+from torch import nn
+from torch.export.graph_signature import InputKind
+
+from .errors import TraceError
+from .graph import Node, OpGraph, TensorInfo
+from .ops import IGNORED_OPS, canonical_op_name
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["trace", "qualified_name"]
+
+
+def qualified_name(cls: type) -> str:
+    """Return ``module.QualName`` of a class, the form rules and plans use for module types."""
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def trace(
+    model: nn.Module,
+    example_inputs: tuple[Any, ...] | Any = (),
+    example_kwargs: dict[str, Any] | None = None,
+) -> OpGraph:
+    """Trace ``model`` with ``torch.export.export(strict=False)`` and collapse it into an `OpGraph`.
+
+    Every aten node inside one leaf-module call becomes part of one ``module`` node named by the
+    module's fqn. A leaf module is one that calls no other module during the trace (so
+    `nn.MultiheadAttention`, whose ``out_proj`` is only read as weights, is a leaf). Ops outside leaf
+    modules become ``op`` nodes named ``"{enclosing fqn}:{op}#{i}"`` (``"{op}#{i}"`` at the root), with
+    ``i`` counting that op within its enclosing module in trace order. Only floating-point tensors are
+    edges; integer and boolean tensors (token ids, masks, positions) and nodes that touch no float
+    tensor are left out.
+
+    The model is traced in eval mode (so dropout is recorded but inactive) and its training flag is
+    restored afterwards. A model and inputs on ``torch.device("meta")`` trace without weights.
+
+    Raises:
+        TraceError: torch.export failed; the message names the failing module (when one was running)
+            and the source line torch reported, with suggestions.
+    """
+    if not isinstance(example_inputs, tuple):
+        example_inputs = (example_inputs,)
+    example_kwargs = dict(example_kwargs or {})
+
+    started = time.perf_counter()
+    exported = _export(model, example_inputs, example_kwargs)
+    elapsed = time.perf_counter() - started
+    logger.debug("torch.export of %s took %.2f s", type(model).__name__, elapsed)
+
+    graph = _collapse(exported, model)
+    return OpGraph(graph=graph, model_type=qualified_name(type(model)), tracer="torch.export", trace_seconds=elapsed)
+
+
+def _export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.export.ExportedProgram:
+    """Run torch.export in eval mode, tracking which module is running so a failure can name it."""
+    running: list[str] = []
+    names = {id(module): fqn for fqn, module in model.named_modules()}
+    handles = []
+    for module in model.modules():
+        fqn = names[id(module)]
+        handles.append(module.register_forward_pre_hook(lambda _m, _a, fqn=fqn: running.append(fqn)))
+        handles.append(module.register_forward_hook(lambda _m, _a, _o: _pop(running)))
+
+    was_training = model.training
+    model.eval()
+    try:
+        return torch.export.export(model, args, kwargs, strict=False)
+    except Exception as exc:  # torch.export raises many unrelated types; all become one TraceError
+        raise TraceError(_describe_trace_failure(model, exc, list(running))) from exc
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+
+
+def _pop(running: list[str]) -> None:
+    # A forward hook that returns a value replaces the module's output, so this must return None.
+    if running:
+        running.pop()
+
+
+def _describe_trace_failure(model: nn.Module, exc: Exception, running: list[str]) -> str:
+    first_line = (str(exc).strip().splitlines() or [""])[0][:300]
+    where = [f"module {running[-1]!r} ({type(model.get_submodule(running[-1])).__name__})"] if running and running[-1] else []
+    source = _user_source_line(exc)
+    if source:
+        where.append(source)
+    location = f" in {', '.join(where)}" if where else ""
+    hint = (
+        "check that the example inputs match forward()'s signature and dtypes; "
+        "Python control flow on tensor values cannot be traced, so make it depend on shapes or "
+        "configuration, or wrap that part in a module and give it a rule"
+    )
+    if "data-dependent" in str(exc) or "GuardOnDataDependent" in type(exc).__name__:
+        hint = "the forward branches on a tensor value; " + hint
+    return f"torch.export could not trace {type(model).__name__}{location}: {type(exc).__name__}: {first_line}. To fix: {hint}."
+
+
+def _user_source_line(exc: BaseException) -> str | None:
+    """Return ``file:line`` of the innermost traceback frame outside torch, or ``None``."""
+    torch_root = os.path.dirname(torch.__file__)
+    frames = traceback.extract_tb(exc.__traceback__)
+    for frame in reversed(frames):
+        if not frame.filename.startswith(torch_root) and "/planner/" not in frame.filename:
+            return f"{frame.filename}:{frame.lineno} ({frame.line.strip() if frame.line else frame.name})"
+    return None
+
+
+def _stack_fqns(fx_node: torch.fx.Node) -> list[str]:
+    stack = fx_node.meta.get("nn_module_stack") or {}
+    return [path for path, _type in stack.values()]
+
+
+def _float_tensors(value: Any) -> list[tuple[int | None, torch.Tensor]]:
+    """Return ``(index, tensor)`` for each floating-point tensor in a node's example value."""
+    if isinstance(value, torch.Tensor):
+        return [(None, value)] if value.is_floating_point() else []
+    if isinstance(value, (list, tuple)):
+        return [(i, v) for i, v in enumerate(value) if isinstance(v, torch.Tensor) and v.is_floating_point()]
+    return []
+
+
+def _tensor_info(tensor: torch.Tensor) -> TensorInfo:
+    return TensorInfo(shape=tuple(int(s) for s in tensor.shape), dtype=str(tensor.dtype).replace("torch.", ""))
+
+
+def _collapse(exported: torch.export.ExportedProgram, model: nn.Module) -> nx.DiGraph:
+    """Group aten nodes into leaf-module and op nodes and connect them by float tensors."""
+    fx_nodes = list(exported.graph.nodes)
+    stacks = {n: _stack_fqns(n) for n in fx_nodes if n.op == "call_function"}
+    non_leaf = {fqn for fqns in stacks.values() for fqn in fqns[:-1]}
+    input_kinds = {spec.arg.name: spec.kind for spec in exported.graph_signature.input_specs if hasattr(spec.arg, "name")}
+
+    graph = nx.DiGraph()
+    group_of: dict[torch.fx.Node, str] = {}
+    op_counters: dict[tuple[str, str], int] = defaultdict(int)
+    order = 0
+
+    def add_node(node: Node) -> None:
+        if node.name not in graph:
+            graph.add_node(node.name, node=node)
+
+    # Step 1: one graph node per user input, per leaf module and per op outside leaf modules.
+    for fx_node in fx_nodes:
+        order += 1
+        if fx_node.op == "placeholder":
+            if input_kinds.get(fx_node.name) == InputKind.USER_INPUT:
+                name = f"input:{fx_node.name}"
+                add_node(Node(name=name, kind="input", fqn="", order=order))
+            else:
+                name = f"constant:{fx_node.name}"
+                add_node(Node(name=name, kind="constant", fqn="", order=order))
+            group_of[fx_node] = name
+        elif fx_node.op == "call_function":
+            op = canonical_op_name(fx_node.target)
+            if op in IGNORED_OPS:
+                continue
+            fqns = stacks[fx_node]
+            innermost = fqns[-1] if fqns else ""
+            if innermost and innermost not in non_leaf:
+                module = model.get_submodule(innermost)
+                if innermost not in graph:
+                    add_node(Node(name=innermost, kind="module", fqn=innermost, order=order,
+                                  module_type=f"{type(module).__module__}.{type(module).__qualname__}"))
+                graph.nodes[innermost]["node"].aten_ops.append(op)
+                group_of[fx_node] = innermost
+            else:
+                index = op_counters[(innermost, op)]
+                op_counters[(innermost, op)] += 1
+                name = f"{innermost}:{op}#{index}" if innermost else f"{op}#{index}"
+                add_node(Node(name=name, kind="op", fqn=innermost, order=order, op=op, aten_ops=[op]))
+                group_of[fx_node] = name
+    add_node(Node(name="output", kind="output", fqn="", order=order + 1))
+
+    # Step 2: float tensors that cross group borders become edges.
+    edge_tensors: dict[tuple[str, str], dict[tuple[str, int | None], TensorInfo]] = defaultdict(dict)
+    for fx_node in fx_nodes:
+        consumer = "output" if fx_node.op == "output" else group_of.get(fx_node)
+        if consumer is None:
+            continue
+        for arg in _flatten_node_args(fx_node):
+            producer = group_of.get(arg)
+            if producer is None or producer == consumer:
+                continue
+            if graph.nodes[producer]["node"].kind == "constant" and graph.nodes[consumer]["node"].kind == "module":
+                continue  # a parameter read inside a leaf module is part of that module, not an activation
+            tensors = _float_tensors(arg.meta.get("val"))
+            if fx_node.op == "call_function" and canonical_op_name(fx_node.target) == "getitem" and len(tensors) > 1:
+                tensors = [(i, t) for i, t in tensors if i == fx_node.args[1]]
+            for index, tensor in tensors:
+                edge_tensors[(producer, consumer)][(arg.name, index)] = _tensor_info(tensor)
+    for (producer, consumer), tensors in edge_tensors.items():
+        infos = list(tensors.values())
+        graph.add_edge(producer, consumer, ids=list(tensors), tensors=infos, elements=sum(i.elements for i in infos))
+
+    # Step 3: port sizes count each distinct tensor once, then nodes that touch no float tensor go.
+    for name, data in graph.nodes(data=True):
+        node: Node = data["node"]
+        inputs = {key: info for _, _, e in graph.in_edges(name, data=True) for key, info in zip(e["ids"], e["tensors"])}
+        outputs = {key: info for _, _, e in graph.out_edges(name, data=True) for key, info in zip(e["ids"], e["tensors"])}
+        node.input_elements = sum(info.elements for info in inputs.values())
+        node.output_elements = sum(info.elements for info in outputs.values())
+        if outputs:
+            node.output_shape = next(iter(outputs.values())).shape
+    graph.remove_nodes_from([n for n in list(graph) if graph.degree(n) == 0 and n != "output"])
+    for fqn in {data["node"].fqn for _, data in graph.nodes(data=True) if data["node"].kind == "module"}:
+        graph.nodes[fqn]["node"].calls = _count_calls(fqn, stacks, exported)
+    return graph
+
+
+def _count_calls(fqn: str, stacks: dict[torch.fx.Node, list[str]], exported: torch.export.ExportedProgram) -> int:
+    """Count distinct calls of a leaf module from the per-call keys of ``nn_module_stack``."""
+    keys = set()
+    for fx_node, fqns in stacks.items():
+        if fqns and fqns[-1] == fqn:
+            keys.add(list(fx_node.meta["nn_module_stack"].keys())[-1])
+    return max(1, len(keys))
+
+
+def _flatten_node_args(fx_node: torch.fx.Node) -> list[torch.fx.Node]:
+    found: list[torch.fx.Node] = []
+    torch.fx.node.map_arg((fx_node.args, fx_node.kwargs), found.append)
+    return found
