@@ -1,12 +1,14 @@
 """qat-planner: plan QuantStub/DeQuantStub placement, fusion and fp32 islands for eager-mode QAT."""
 
 from .errors import EmitError, ModelSpecError, PlanError, PlannerError, PlannerWarning, RuleError, TraceError
+from .emit import emit
 from .plan import Plan, plan
 from .rules import Fusion, Match, QConfigPreset, Rule, RuleSet, Substitution, load_rules
 from .trace import trace
 
 __all__ = [
     "plan",
+    "emit",
     "trace",
     "Plan",
     "Match",
