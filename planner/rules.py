@@ -330,16 +330,34 @@ def resolve_rules(rules: str | Path | RuleSet | list[str | Path | RuleSet]) -> R
     return resolved
 
 
-def _expand(item: str | Path | RuleSet, stack: tuple[str, ...]) -> list[tuple[RuleSet, str | None]]:
+def _expand(item: str | Path | RuleSet, stack: tuple[str, ...], base: Path | None = None) -> list[tuple[RuleSet, str | None]]:
+    """Load ``item`` and, before it, every set it extends; ``base`` is the folder of the extending file."""
+    if not isinstance(item, RuleSet):
+        item = _locate(item, base, stack)
     ruleset = load_rules(item)
     file = None if isinstance(item, RuleSet) else str(_rule_file(item))
     if ruleset.name in stack:
         raise RuleError(f"rule set {ruleset.name!r} extends itself: {' -> '.join((*stack, ruleset.name))}")
     chain: list[tuple[RuleSet, str | None]] = []
+    folder = Path(file).parent if file else None
     for parent in ruleset.extends:
-        chain.extend(_expand(parent, (*stack, ruleset.name)))
+        chain.extend(_expand(parent, (*stack, ruleset.name), folder))
     chain.append((ruleset, file))
     return chain
+
+
+def _locate(name: str | Path, base: Path | None, stack: tuple[str, ...]) -> str | Path:
+    """Find a set named in ``extends``: a built-in name, a path, or a path relative to the extending file."""
+    text = str(name)
+    if text in builtin_rule_sets() or Path(text).is_file() or base is None:
+        return name
+    for candidate in (base / text, base / f"{text}.json"):
+        if candidate.is_file():
+            return candidate
+    raise RuleError(
+        f"rule set {text!r}, extended by {stack[-1]!r}, not found: it is neither a built-in set "
+        f"({', '.join(builtin_rule_sets())}) nor a file in {base}"
+    )
 
 
 def _rule_file(name_or_path: str | Path) -> Path:

@@ -1,0 +1,173 @@
+"""Command-line interface: parses arguments and calls one library function per command."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import tempfile
+import traceback
+import warnings
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import PlannerError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Plan QuantStub/DeQuantStub placement for eager-mode QAT.")
+console = Console()
+error_console = Console(stderr=True)
+
+
+class Objective(str, Enum):
+    bytes = "bytes"
+    count = "count"
+
+
+class ReportFormat(str, Enum):
+    text = "text"
+    json = "json"
+    markdown = "markdown"
+
+
+@app.command("plan")
+def plan_command(
+    model: str = typer.Argument(..., help="Built-in name (gpt2, gpt2-medium, gpt2-large, gpt2-xl, gpt2-tiny), a local Hugging Face folder, or package.module:factory."),
+    rules: Optional[list[str]] = typer.Option(None, "--rules", help="Built-in rule set name or JSON file; repeat to layer sets in order. Default: default."),
+    objective: Objective = typer.Option(Objective.bytes, help="Cost of a conversion: its element count (bytes) or 1 (count)."),
+    format: ReportFormat = typer.Option(ReportFormat.text, "--format", help="Report format."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write the report to this file instead of standard output."),
+    seq_len: int = typer.Option(128, "--seq-len", help="Sequence length of the example input, in tokens; it sets the element counts."),
+    save_plan: Optional[Path] = typer.Option(None, "--save-plan", help="Also write the plan as JSON to this file, for emit or diff."),
+) -> None:
+    """Plan a model and print where every QuantStub and DeQuantStub goes, and why."""
+    from .models import resolve_model
+    from .plan import plan
+    from .report import render
+
+    spec = resolve_model(model)
+    with console.status("tracing and planning", spinner="dots") if console.is_terminal else _nothing():
+        result = plan(spec.model("meta"), spec.example_inputs("meta", seq_len, None), rules=rules or "default", objective=objective.value)
+    if save_plan is not None:
+        result.save(save_plan)
+    if out is not None:
+        out.write_text(render(result, format.value) + "\n", encoding="utf-8")
+        error_console.print(f"wrote {format.value} report to {out}")
+    elif format is ReportFormat.text:
+        console.print(render(result, "text", markup=True), highlight=False, soft_wrap=True)
+    else:
+        sys.stdout.write(render(result, format.value) + "\n")
+
+
+@app.command("qat")
+def qat_command(
+    model: str = typer.Argument(..., help="Built-in name, a local Hugging Face folder, or package.module:factory."),
+    text: Path = typer.Option(..., "--text", exists=True, dir_okay=False, help="UTF-8 text file to train and validate on (last 10% held out)."),
+    float_steps: int = typer.Option(300, "--float-steps", help="fp32 training steps before planning (built-in models start from random weights)."),
+    qat_steps: int = typer.Option(100, "--qat-steps", help="Training steps after prepare_qat."),
+    seq_len: int = typer.Option(128, "--seq-len", help="Training window, in tokens."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Windows per training step."),
+    rules: Optional[list[str]] = typer.Option(None, "--rules", help="Built-in rule set name or JSON file; repeatable."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder for the converted model's state dict (model_int8.pt) and plan.json."),
+    seed: int = typer.Option(0, "--seed", help="Random seed for initialisation and batch sampling."),
+) -> None:
+    """Train on real text in fp32, plan, emit, QAT-train, convert, and compare fp32, fake-quant and int8."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from .models import resolve_model
+    from .qat import QATConfig, run_qat
+
+    spec = resolve_model(model)
+    config = QATConfig(text=text, float_steps=float_steps, qat_steps=qat_steps, seq_len=seq_len, batch_size=batch_size,
+                       rules=rules or "default", out=out, seed=seed)
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} loss {task.fields[loss]:.3f}"),
+                  TimeRemainingColumn(), console=error_console, transient=False) as progress:
+        tasks = {
+            "fp32": progress.add_task("fp32 training", total=float_steps, loss=float("nan")),
+            "qat": progress.add_task("QAT training ", total=qat_steps, loss=float("nan")),
+        }
+
+        def on_step(phase: str, step: int, total: int, loss: float) -> None:
+            progress.update(tasks[phase], completed=step, loss=loss)
+
+        result = run_qat(spec, config, on_step)
+
+    table = Table(title=f"QAT of {model} on {text.name} ({result.tokenizer}; {result.train_tokens} training, {result.validation_tokens} validation tokens)")
+    table.add_column("model")
+    table.add_column("validation perplexity", justify="right")
+    table.add_column(f"forward latency, batch 1 × {seq_len} (ms)", justify="right")
+    table.add_column("state dict (MB)", justify="right")
+    for name in ("fp32", "fake-quant", "int8"):
+        latency = result.latency_ms.get(name)
+        size = result.state_dict_bytes.get(name)
+        table.add_row(name, f"{result.perplexity[name]:.3f}", f"{latency:.2f}" if latency else "–", f"{size / 1e6:.2f}" if size else "–")
+    console.print(table)
+    change = (result.perplexity["int8"] / result.perplexity["fp32"] - 1) * 100
+    console.print(f"int8 perplexity is {change:+.2f}% from fp32; int8 forward is {result.latency_ms['fp32'] / result.latency_ms['int8']:.2f}× the speed of fp32; "
+                  f"{result.plan.stats.conversions} conversions")
+    if out is not None:
+        console.print(f"saved {out / 'model_int8.pt'} and {out / 'plan.json'}")
+
+
+def _show_each_warning_once() -> None:
+    """Print each distinct warning (category and message) once per process.
+
+    ``warnings.simplefilter("once")`` is not enough: every ``catch_warnings`` block in torch or
+    transformers resets the registry that "once" relies on, so the same notice would print again.
+    """
+    seen: set[tuple[type, str]] = set()
+    show = warnings.showwarning
+
+    def show_once(message, category, filename, lineno, file=None, line=None):
+        key = (category, str(message))
+        if key not in seen:
+            seen.add(key)
+            show(message, category, filename, lineno, file, line)
+
+    warnings.simplefilter("always")
+    warnings.showwarning = show_once
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def main() -> None:
+    """Run the CLI with one error handler: project errors print one line and exit 1, Ctrl-C exits 130."""
+    # torch.ao.quantization warns (deprecation notices, observer notes) at every call site, hundreds of
+    # times for a large model; on the command line each distinct message is shown once.
+    _show_each_warning_once()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        app(standalone_mode=False)
+    except PlannerError as exc:
+        error_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        error_console.print("interrupted")
+        sys.exit(130)
+    except (typer.Exit, SystemExit) as exc:
+        sys.exit(getattr(exc, "exit_code", getattr(exc, "code", 0)))
+    except Exception as exc:  # the last resort: keep the traceback, show one line
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.exceptions.Abort):
+            sys.exit(130)
+        with tempfile.NamedTemporaryFile("w", prefix="qat-planner-", suffix=".log", delete=False) as log:
+            traceback.print_exc(file=log)
+        error_console.print(f"[bold red]unexpected error:[/] {type(exc).__name__}: {exc}. Full traceback: {log.name}", highlight=False)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
