@@ -3,12 +3,14 @@
 from .errors import EmitError, ModelSpecError, PlanError, PlannerError, PlannerWarning, RuleError, TraceError
 from .emit import emit
 from .plan import Plan, plan
+from .report import render
 from .rules import Fusion, Match, QConfigPreset, Rule, RuleSet, Substitution, load_rules
 from .trace import trace
 
 __all__ = [
     "plan",
     "emit",
+    "render",
     "trace",
     "Plan",
     "Match",
