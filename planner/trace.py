@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import logging
+import contextlib
+import io
 import os
+import sys
+import sysconfig
 import time
 import traceback
 from collections import defaultdict
@@ -75,14 +79,28 @@ def _export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> 
 
     was_training = model.training
     model.eval()
+    # On a failed guard torch.export prints the partial graph to stderr with print(); it is captured
+    # here and dropped, because the TraceError names the module and source line instead.
+    captured = io.StringIO()
+    symbolic_shapes = logging.getLogger("torch.fx.experimental.symbolic_shapes")
+    level = symbolic_shapes.level
+    symbolic_shapes.setLevel(logging.ERROR)
     try:
-        return torch.export.export(model, args, kwargs, strict=False)
+        with contextlib.redirect_stderr(captured):
+            exported = torch.export.export(model, args, kwargs, strict=False)
     except Exception as exc:  # torch.export raises many unrelated types; all become one TraceError
+        partial = str(getattr(exc, "partial_fx_graph", "")) or None
+        rest = captured.getvalue().replace(partial, "") if partial else captured.getvalue()
+        if rest.strip():
+            sys.stderr.write(rest)
         raise TraceError(_describe_trace_failure(model, exc, list(running))) from exc
     finally:
+        symbolic_shapes.setLevel(level)
         model.train(was_training)
         for handle in handles:
             handle.remove()
+    sys.stderr.write(captured.getvalue())
+    return exported
 
 
 def _pop(running: list[str]) -> None:
@@ -98,22 +116,21 @@ def _describe_trace_failure(model: nn.Module, exc: Exception, running: list[str]
     if source:
         where.append(source)
     location = f" in {', '.join(where)}" if where else ""
-    hint = (
-        "check that the example inputs match forward()'s signature and dtypes; "
-        "Python control flow on tensor values cannot be traced, so make it depend on shapes or "
-        "configuration, or wrap that part in a module and give it a rule"
-    )
+    hint = "check that the example inputs match forward()'s signature, shapes and dtypes"
     if "data-dependent" in str(exc) or "GuardOnDataDependent" in type(exc).__name__:
-        hint = "the forward branches on a tensor value; " + hint
+        hint = (
+            "forward() branches on a tensor's value, which torch.export cannot follow; make the branch "
+            "depend on shapes or configuration, or move it outside the model"
+        )
     return f"torch.export could not trace {type(model).__name__}{location}: {type(exc).__name__}: {first_line}. To fix: {hint}."
 
 
 def _user_source_line(exc: BaseException) -> str | None:
     """Return ``file:line`` of the innermost traceback frame outside torch, or ``None``."""
-    torch_root = os.path.dirname(torch.__file__)
+    skipped = (os.path.dirname(torch.__file__), sysconfig.get_paths()["stdlib"], os.path.dirname(__file__))
     frames = traceback.extract_tb(exc.__traceback__)
     for frame in reversed(frames):
-        if not frame.filename.startswith(torch_root) and "/planner/" not in frame.filename:
+        if not frame.filename.startswith(skipped):
             return f"{frame.filename}:{frame.lineno} ({frame.line.strip() if frame.line else frame.name})"
     return None
 
