@@ -1,0 +1,35 @@
+"""Developer sessions: tests, lint, bench. Every session installs the CPU build of torch first."""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.sessions = ["tests"]
+# The exact release: a range would let pip pick a newer multi-GB CUDA build.
+TORCH = "torch==2.13.0"
+
+
+def install(session: nox.Session, extras: str = "test") -> None:
+    session.install(TORCH)
+    session.install("-e", f".[{extras}]")
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """Run the default test suite (slow tests excluded); pass `-- -m slow` for the slow ones."""
+    install(session)
+    session.run("python", "-m", "pytest", "-q", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """Check style with ruff."""
+    session.install("ruff")
+    session.run("ruff", "check", "planner", "tests", "benchmarks")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Run the benchmark scripts; each prints ratios measured in one process."""
+    install(session)
+    session.run("python", "benchmarks/planning.py", *session.posargs)
