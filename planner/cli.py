@@ -108,6 +108,9 @@ def qat_command(
     change = (result.perplexity["int8"] / result.perplexity["fp32"] - 1) * 100
     console.print(f"int8 perplexity is {change:+.2f}% from fp32; int8 forward is {result.latency_ms['fp32'] / result.latency_ms['int8']:.2f}× the speed of fp32; "
                   f"{result.plan.stats.conversions} conversions")
+    checked = [v for v in result.substitution_checks.values() if v is not None]
+    if checked:
+        console.print(f"substitutions checked on random inputs: {len(checked)} modules, max abs difference {max(checked):.2g}")
     if out is not None:
         console.print(f"saved {out / 'model_int8.pt'} and {out / 'plan.json'}")
 
