@@ -62,6 +62,36 @@ def plan_command(
         sys.stdout.write(render(result, format.value) + "\n")
 
 
+@app.command("validate")
+def validate_command(
+    model: str = typer.Argument(..., help="Built-in name, a local Hugging Face folder, or package.module:factory."),
+    rules: Optional[list[str]] = typer.Option(None, "--rules", help="Built-in rule set name or JSON file; repeatable."),
+    plan_file: Optional[Path] = typer.Option(None, "--plan", exists=True, dir_okay=False, help="Validate this saved plan instead of planning anew."),
+    objective: Objective = typer.Option(Objective.bytes, help="Objective used when planning anew."),
+    seq_len: int = typer.Option(32, "--seq-len", help="Tokens in the example input of language models."),
+    static_only: bool = typer.Option(False, "--static-only", help="Skip the checks that run the model (no weights needed)."),
+) -> None:
+    """Check a plan: static checks on the traced graph, then emit → prepare_qat → train → convert → int8 forward."""
+    import torch
+
+    from .models import resolve_model
+    from .plan import Plan, plan
+    from .validate import validate
+
+    spec = resolve_model(model)
+    device = "meta" if static_only else "cpu"
+    instance = spec.model(device)
+    inputs = spec.example_inputs(device, seq_len, None)
+    if isinstance(inputs, dict) and "input_ids" in inputs and device != "meta":
+        vocab = getattr(getattr(instance, "config", None), "vocab_size", 2)
+        inputs = {**inputs, "input_ids": torch.randint(0, vocab, tuple(inputs["input_ids"].shape), generator=torch.Generator().manual_seed(0))}
+    the_plan = Plan.load(plan_file) if plan_file else plan(instance, inputs, rules=rules or "default", objective=objective.value)
+    report = validate(instance, inputs, the_plan, dynamic=not static_only)
+    console.print(report.render(), highlight=False, soft_wrap=True)
+    if not report.passed:
+        raise typer.Exit(1)
+
+
 @app.command("qat")
 def qat_command(
     model: str = typer.Argument(..., help="Built-in name, a local Hugging Face folder, or package.module:factory."),
