@@ -17,6 +17,7 @@ from .rules import ResolvedRules, Rule, RuleOrigin, Substitution
 Requirement = Literal["int8", "fp32", "any"]
 
 _EMBEDDING_TYPES = {"torch.nn.modules.sparse.Embedding", "torch.nn.modules.sparse.EmbeddingBag"}
+_TRANSPOSED_CONV_TYPES = {f"torch.nn.modules.conv.ConvTranspose{n}d" for n in (1, 2, 3)}
 _REPLACEMENT_TYPES = {"torch.nn.Linear": "torch.nn.modules.linear.Linear", "torch.nn.GELU": "torch.nn.modules.activation.GELU"}
 
 
@@ -138,6 +139,13 @@ def _decide_node(node, candidates, rules, substitution, effective, int8_types) -
             decision.note = f"{node.type_name} has no eager int8 module mapping; kept fp32"
         else:
             decision.qconfig = rule.qconfig or rules.default_qconfig
+            chosen = rules.presets[decision.qconfig]
+            if effective in _TRANSPOSED_CONV_TYPES and chosen.weight == "per_channel" and chosen.backend != "qnnpack":
+                raise PlanError(
+                    f"{origin}: module {node.fqn!r} ({node.type_name}) cannot use qconfig {decision.qconfig!r}: "
+                    "quantized transposed convolutions support only per-tensor weights; give this rule "
+                    "\"qconfig\": \"x86_per_tensor\" (or another per-tensor preset)"
+                )
     elif rule.action == "float" and rule.qconfig:
         if not is_embedding or preset is None or preset.scheme != "float_qparams_weight_only":
             raise PlanError(

@@ -222,6 +222,7 @@ def _assemble(model, graph: OpGraph, rules: ResolvedRules, matching: Matching, s
         if node.kind == "module" and node.calls > 1:
             notes.append(f"{node.name}: called {node.calls} times; every call shares one domain and one set of stubs")
 
+    notes += _model_notes(model, nodes)
     qconfigs = {name: d.qconfig for name, d in matching.decisions.items()
                 if d.qconfig and (solution.domains[name] == "int8" or d.requirement == "fp32")}
     boundaries = [
@@ -256,6 +257,29 @@ def _assemble(model, graph: OpGraph, rules: ResolvedRules, matching: Matching, s
         edges=[Edge(source=u, target=v, elements=e["elements"]) for u, v, e in graph.graph.edges(data=True)],
         stats=stats,
     )
+
+
+def _model_notes(model: nn.Module, nodes: dict[str, NodeDecision]) -> list[str]:
+    """Notes on what the user placed by hand, and on ops whose behaviour depends on eval()."""
+    import torch.ao.nn.quantized as nnq
+    import torch.ao.quantization as tq
+
+    notes = []
+    placed = [name for name, m in model.named_modules()
+              if isinstance(m, (tq.QuantStub, tq.DeQuantStub, nnq.FloatFunctional))]
+    if placed:
+        notes.append(
+            f"the model already contains QuantStub/DeQuantStub/FloatFunctional modules ({', '.join(placed[:5])}"
+            f"{', ...' if len(placed) > 5 else ''}); emit clears their qconfig so they stay identities, and the "
+            "plan's own stubs do the conversions"
+        )
+    dropout = [name for name, n in nodes.items() if n.kind == "op" and n.op == "dropout" and n.domain == "int8"]
+    if dropout:
+        notes.append(
+            f"functional dropout runs on int8 tensors at {', '.join(dropout[:5])}; call eval() before convert, "
+            "because dropout in training mode has no int8 kernel"
+        )
+    return notes
 
 
 def _stub_qconfig(graph: OpGraph, conversion, qconfigs: dict[str, str], solution: Solution, default: str) -> str:

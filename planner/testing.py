@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import networkx as nx
+import torch
 from torch import nn
 
 from .graph import Node, OpGraph
@@ -24,7 +25,7 @@ from .plan import Plan, plan
 from .rules import RuleSet
 from .validate import ValidationReport, validate
 
-__all__ = ["assert_plan_valid", "brute_force_cost", "make_graph", "placement_problems"]
+__all__ = ["assert_plan_valid", "brute_force_cost", "make_graph", "placement_problems", "generated_models", "GeneratedNet"]
 
 
 def assert_plan_valid(
@@ -154,3 +155,89 @@ def placement_problems(max_nodes: int = 6):
         return make_graph(nodes, sorted(edges)), requirements
 
     return problems()
+
+
+class MyLinear(nn.Linear):
+    """A user subclass of `nn.Linear`; type rules match classes by name, so it is not quantized by ``Linear``."""
+
+
+class MyConv2d(nn.Conv2d):
+    """A user subclass of `nn.Conv2d`."""
+
+
+SEQUENCE_STEPS = ("linear", "relu", "gelu", "layer_norm", "softmax", "dropout", "residual", "cat", "attention",
+                  "reshape", "shared_twice", "my_linear", "linear_relu")
+IMAGE_STEPS = ("conv", "batch_norm", "relu", "conv_bn_relu", "residual_conv", "my_conv", "max_pool", "cat_channels")
+
+
+class GeneratedNet(nn.Module):
+    """A model assembled from named steps, for property tests over the planner and emitter.
+
+    ``family="sequence"`` takes token ids ``(batch, tokens)`` (an embedding first) and keeps the width
+    ``width``; ``family="image"`` takes ``(batch, width, 8, 8)`` images and ends with a Linear head.
+    """
+
+    def __init__(self, family: str, steps: list[str], width: int = 8):
+        super().__init__()
+        self.family, self.steps, self.width = family, list(steps), width
+        with torch.random.fork_rng():
+            torch.manual_seed(0)  # the same steps give the same weights, so a failure replays exactly
+            self.layers = nn.ModuleList(self._build(step) for step in steps)
+            if family == "sequence":
+                self.embed = nn.Embedding(32, width)
+            else:
+                self.head = nn.Linear(width * 4, 4)
+
+    def _build(self, step: str) -> nn.Module:
+        d = self.width
+        builders = {
+            "linear": lambda: nn.Linear(d, d), "my_linear": lambda: MyLinear(d, d), "relu": nn.ReLU, "gelu": nn.GELU,
+            "layer_norm": lambda: nn.LayerNorm(d), "softmax": lambda: nn.Softmax(-1), "dropout": lambda: nn.Dropout(0.1),
+            "residual": lambda: nn.Linear(d, d), "cat": lambda: nn.Linear(2 * d, d), "attention": lambda: nn.Linear(d, d),
+            "reshape": nn.Identity, "shared_twice": lambda: nn.Linear(d, d),
+            "linear_relu": lambda: nn.Sequential(nn.Linear(d, d), nn.ReLU()),
+            "conv": lambda: nn.Conv2d(d, d, 3, padding=1), "my_conv": lambda: MyConv2d(d, d, 3, padding=1),
+            "batch_norm": lambda: nn.BatchNorm2d(d),
+            "conv_bn_relu": lambda: nn.Sequential(nn.Conv2d(d, d, 3, padding=1), nn.BatchNorm2d(d), nn.ReLU()),
+            "residual_conv": lambda: nn.Conv2d(d, d, 3, padding=1), "max_pool": lambda: nn.MaxPool2d(3, 1, 1),
+            "cat_channels": lambda: nn.Conv2d(2 * d, d, 1),
+        }
+        return builders[step]()
+
+    def forward(self, x):
+        if self.family == "sequence":
+            x = self.embed(x)
+        for step, layer in zip(self.steps, self.layers):
+            if step in ("residual", "residual_conv"):
+                x = x + layer(x)
+            elif step in ("cat", "cat_channels"):
+                x = layer(torch.cat([x, x * 0.5], dim=-1 if step == "cat" else 1))
+            elif step == "attention":
+                scores = torch.softmax(x @ x.transpose(-1, -2), dim=-1)
+                x = layer(scores @ x)
+            elif step == "reshape":
+                x = layer(x.reshape(x.shape[0], -1)).reshape(x.shape)
+            elif step == "shared_twice":
+                x = layer(torch.relu(layer(x)))
+            else:
+                x = layer(x)
+        if self.family == "image":
+            x = nn.functional.adaptive_avg_pool2d(x, 2).flatten(1)
+            x = self.head(x)
+        return x
+
+    def example_inputs(self, batch: int = 2) -> tuple[torch.Tensor]:
+        if self.family == "sequence":
+            return (torch.randint(0, 32, (batch, 6), generator=torch.Generator().manual_seed(0)),)
+        return (torch.randn(batch, self.width, 8, 8, generator=torch.Generator().manual_seed(0)),)
+
+
+def generated_models(max_steps: int = 5):
+    """Hypothesis strategy of `GeneratedNet` models built from `SEQUENCE_STEPS` or `IMAGE_STEPS`."""
+    from hypothesis import strategies as st
+
+    sequence = st.lists(st.sampled_from(SEQUENCE_STEPS), min_size=1, max_size=max_steps).map(
+        lambda steps: GeneratedNet("sequence", steps))
+    image = st.lists(st.sampled_from(IMAGE_STEPS), min_size=1, max_size=max_steps).map(
+        lambda steps: GeneratedNet("image", steps))
+    return st.one_of(sequence, image)

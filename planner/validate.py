@@ -18,7 +18,7 @@ from .solve import solve
 from .trace import trace
 
 __all__ = ["Check", "ValidationReport", "validate", "check_plan_static", "check_plan_dynamic",
-           "FP32_TOLERANCE", "INT8_RELATIVE_TOLERANCE"]
+           "FP32_TOLERANCE", "INT8_RELATIVE_TOLERANCE", "recalibrate"]
 
 # The emitted model before prepare_qat runs the same float ops, except substitutions that match to
 # float32 rounding; 1e-5 absolute leaves room for that and nothing more.
@@ -161,7 +161,15 @@ def check_plan_static(graph: OpGraph, plan: Plan) -> list[Check]:
 
     minimal = Check("no cheaper plan exists (min-cut optimum)")
     optimum = solve(graph, {name: plan.nodes[name].requirement for name in plan.nodes}, objective=plan.objective)
-    cost = sum(1 if plan.objective == "count" else b.elements for b in plan.boundaries)
+    # Price the plan's stubs with this trace's element counts, which may differ from the planning input's.
+    cost = 0
+    for boundary in plan.boundaries:
+        if plan.objective == "count":
+            cost += 1
+        elif boundary.module in graph.graph:
+            node = graph.node(boundary.module)
+            cost += node.input_elements if boundary.position == "input" else node.output_elements
+
     minimal.detail = f"plan cost {cost}, optimum {optimum.cost} ({plan.objective})"
     if cost > optimum.cost:
         extra = sorted({(c.module, c.position) for c in optimum.conversions} ^ {(b.module, b.position) for b in plan.boundaries})
@@ -230,7 +238,7 @@ def check_plan_dynamic(model: nn.Module, args, kwargs, plan: Plan, *, steps: int
         tq.prepare_qat(emitted, inplace=True)
         _train(emitted, args, kwargs, steps)
         emitted.eval()
-        emitted.apply(tq.disable_observer)
+        recalibrate(emitted, lambda: _run(emitted, args, kwargs))
         with torch.no_grad():
             fake_quant = _run(emitted, args, kwargs)
         converted = tq.convert(copy.deepcopy(emitted), inplace=False)
@@ -269,6 +277,60 @@ def check_plan_dynamic(model: nn.Module, args, kwargs, plan: Plan, *, steps: int
 # Module types torch.ao quantizes at convert but has no QAT mapping for (torch 2.13): their weights see
 # no fake-quant during training, which the validator reports without failing.
 _NO_QAT_MODULE = (nn.Conv1d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+def recalibrate(model: nn.Module, forward) -> None:
+    """Reset every observer, observe one eval-mode ``forward()`` as a running min/max, then freeze them.
+
+    A few training steps leave the moving-average observers behind the weights, and x86's
+    reduce_range makes fake-quant clip activations at 128 levels where the converted int8 kernels use
+    256. Observing the eval-mode ranges once before freezing keeps both forwards inside the observed
+    range, so the comparison measures the conversion rather than observer lag. Each observer keeps
+    the union of the ranges it sees, because a module called twice observes two tensors.
+    """
+    handles = []
+    constants: list[tuple[nn.Module, float]] = []
+    for module in model.modules():
+        if not isinstance(module, tq.FakeQuantizeBase):
+            continue
+        observer = getattr(module, "activation_post_process", None)
+        if observer is None or not hasattr(observer, "reset_min_max_vals"):
+            continue
+        observer.reset_min_max_vals()
+        if hasattr(observer, "averaging_constant"):
+            # With a constant of 1 the observer stores each call's own range; the hooks keep the union.
+            # The hooks sit on the fake-quant module because the fused x86 fake-quant updates the
+            # observer's buffers without calling the observer module.
+            constants.append((observer, observer.averaging_constant))
+            observer.averaging_constant = 1.0
+            handles.append(module.register_forward_pre_hook(_remember_range))
+            handles.append(module.register_forward_hook(_widen_range))
+    model.apply(tq.enable_observer)
+    try:
+        with torch.no_grad():
+            forward()
+    finally:
+        model.apply(tq.disable_observer)
+        for handle in handles:
+            handle.remove()
+        for observer, constant in constants:
+            observer.averaging_constant = constant
+
+
+def _remember_range(fake_quant: nn.Module, _args) -> None:
+    observer = fake_quant.activation_post_process
+    fake_quant._range_before = (observer.min_val.clone(), observer.max_val.clone())
+
+
+def _widen_range(fake_quant: nn.Module, _args, _output) -> None:
+    observer = fake_quant.activation_post_process
+    low, high = fake_quant.__dict__.pop("_range_before")
+    if low.numel() and low.shape == observer.min_val.shape and torch.isfinite(low).all():
+        observer.min_val.copy_(torch.minimum(low, observer.min_val))
+        observer.max_val.copy_(torch.maximum(high, observer.max_val))
+        scale, zero_point = fake_quant.calculate_qparams()
+        fake_quant.scale.copy_(scale)
+        fake_quant.zero_point.copy_(zero_point)
 
 
 def _unwrap(module: nn.Module) -> nn.Module:

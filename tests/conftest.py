@@ -31,3 +31,12 @@ def small_gpt2_config(n_layer: int = 2, n_embd: int = 32, vocab_size: int = 256)
 
 def meta_ids(seq_len: int = 16) -> dict[str, torch.Tensor]:
     return {"input_ids": torch.zeros(1, seq_len, dtype=torch.long, device="meta")}
+
+
+def pytest_terminal_summary(terminalreporter):
+    """List the generated models the planner refused, so refusals are visible in every run."""
+    from test_random_models import REFUSALS
+
+    terminalreporter.write_line(f"generated models refused by the planner: {len(REFUSALS)}")
+    for line in REFUSALS:
+        terminalreporter.write_line(f"  {line}")
