@@ -9,6 +9,7 @@ from typing import Any, Literal
 import torch
 import torch.ao.quantization as tq
 from torch import nn
+from torch.ao.quantization.quantization_mappings import get_default_qat_module_mappings
 
 from .emit import StubWrapper, emit
 from .errors import PlannerError
@@ -265,18 +266,15 @@ def check_plan_dynamic(model: nn.Module, args, kwargs, plan: Plan, *, steps: int
         if any(True for _ in after.parameters(recurse=False)) and not type(after).__module__.startswith("torch.ao.nn.quantized"):
             swapped.fail(name, f"is {type(after).__name__} after convert, not a quantized module")
         if hasattr(_unwrap(model.get_submodule(name)), "weight") and not hasattr(before, "weight_fake_quant"):
-            if type(before) in _NO_QAT_MODULE:
-                without_qat.append(f"{name} ({type(before).__name__})")
-            else:
+            if type(before) in get_default_qat_module_mappings():
                 swapped.fail(name, f"{type(before).__name__} has no weight_fake_quant after prepare_qat")
+            else:
+                without_qat.append(f"{name} ({type(before).__name__})")
     if without_qat:
+        # torch.ao has no QAT module for these types (Conv1d, ConvTranspose, norms, embeddings in torch
+        # 2.13), so their weights see no fake-quant in training and are quantized only at convert.
         swapped.detail = f"no QAT module in torch.ao, weights quantized only at convert: {', '.join(without_qat)}"
     return [emission, fp32, pipeline, closeness, swapped]
-
-
-# Module types torch.ao quantizes at convert but has no QAT mapping for (torch 2.13): their weights see
-# no fake-quant during training, which the validator reports without failing.
-_NO_QAT_MODULE = (nn.Conv1d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
 def recalibrate(model: nn.Module, forward) -> None:
