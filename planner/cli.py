@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .errors import PlannerError
+from .errors import ModelSpecError, PlannerError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Plan QuantStub/DeQuantStub placement for eager-mode QAT.")
 console = Console()
@@ -40,8 +40,8 @@ def plan_command(
     objective: Objective = typer.Option(Objective.bytes, help="Cost of a conversion: its element count (bytes) or 1 (count)."),
     format: ReportFormat = typer.Option(ReportFormat.text, "--format", help="Report format."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write the report to this file instead of standard output."),
-    seq_len: int = typer.Option(128, "--seq-len", help="Sequence length of the example input, in tokens; it sets the element counts."),
-    save_plan: Optional[Path] = typer.Option(None, "--save-plan", help="Also write the plan as JSON to this file, for emit or diff."),
+    seq_len: int = typer.Option(128, "--seq-len", min=1, help="Sequence length of the example input, in tokens; it sets the element counts."),
+    save_plan: Optional[Path] = typer.Option(None, "--save-plan", help="Also write the plan as JSON to this file (for validate --plan or planner.Plan.load)."),
 ) -> None:
     """Plan a model and print where every QuantStub and DeQuantStub goes, and why."""
     from .models import resolve_model
@@ -49,8 +49,10 @@ def plan_command(
     from .report import render
 
     spec = resolve_model(model)
+    instance = spec.model("meta")
+    _check_seq_len(instance, seq_len)
     with console.status("tracing and planning", spinner="dots") if console.is_terminal else _nothing():
-        result = plan(spec.model("meta"), spec.example_inputs("meta", seq_len, None), rules=rules or "default", objective=objective.value)
+        result = plan(instance, spec.example_inputs("meta", seq_len, None), rules=rules or "default", objective=objective.value)
     if save_plan is not None:
         result.save(save_plan)
     if out is not None:
@@ -68,7 +70,7 @@ def validate_command(
     rules: Optional[list[str]] = typer.Option(None, "--rules", help="Built-in rule set name or JSON file; repeatable."),
     plan_file: Optional[Path] = typer.Option(None, "--plan", exists=True, dir_okay=False, help="Validate this saved plan instead of planning anew."),
     objective: Objective = typer.Option(Objective.bytes, help="Objective used when planning anew."),
-    seq_len: int = typer.Option(32, "--seq-len", help="Tokens in the example input of language models."),
+    seq_len: int = typer.Option(32, "--seq-len", min=1, help="Tokens in the example input of language models."),
     static_only: bool = typer.Option(False, "--static-only", help="Skip the checks that run the model (no weights needed)."),
 ) -> None:
     """Check a plan: static checks on the traced graph, then emit → prepare_qat → train → convert → int8 forward."""
@@ -81,6 +83,7 @@ def validate_command(
     spec = resolve_model(model)
     device = "meta" if static_only else "cpu"
     instance = spec.model(device)
+    _check_seq_len(instance, seq_len)
     inputs = spec.example_inputs(device, seq_len, None)
     if isinstance(inputs, dict) and "input_ids" in inputs and device != "meta":
         vocab = getattr(getattr(instance, "config", None), "vocab_size", 2)
@@ -96,10 +99,10 @@ def validate_command(
 def qat_command(
     model: str = typer.Argument(..., help="Built-in name, a local Hugging Face folder, or package.module:factory."),
     text: Path = typer.Option(..., "--text", exists=True, dir_okay=False, help="UTF-8 text file to train and validate on (last 10% held out)."),
-    float_steps: int = typer.Option(300, "--float-steps", help="fp32 training steps before planning (built-in models start from random weights)."),
-    qat_steps: int = typer.Option(100, "--qat-steps", help="Training steps after prepare_qat."),
-    seq_len: int = typer.Option(128, "--seq-len", help="Training window, in tokens."),
-    batch_size: int = typer.Option(16, "--batch-size", help="Windows per training step."),
+    float_steps: int = typer.Option(300, "--float-steps", min=0, help="fp32 training steps before planning (built-in models start from random weights)."),
+    qat_steps: int = typer.Option(100, "--qat-steps", min=1, help="Training steps after prepare_qat (at least 1, so observers see data)."),
+    seq_len: int = typer.Option(128, "--seq-len", min=1, help="Training window, in tokens."),
+    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Windows per training step."),
     rules: Optional[list[str]] = typer.Option(None, "--rules", help="Built-in rule set name or JSON file; repeatable."),
     out: Optional[Path] = typer.Option(None, "--out", help="Folder for the converted model's state dict (model_int8.pt) and plan.json."),
     seed: int = typer.Option(0, "--seed", help="Random seed for initialisation and batch sampling."),
@@ -113,17 +116,22 @@ def qat_command(
     spec = resolve_model(model)
     config = QATConfig(text=text, float_steps=float_steps, qat_steps=qat_steps, seq_len=seq_len, batch_size=batch_size,
                        rules=rules or "default", out=out, seed=seed)
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} loss {task.fields[loss]:.3f}"),
-                  TimeRemainingColumn(), console=error_console, transient=False) as progress:
-        tasks = {
-            "fp32": progress.add_task("fp32 training", total=float_steps, loss=float("nan")),
-            "qat": progress.add_task("QAT training ", total=qat_steps, loss=float("nan")),
-        }
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} loss {task.fields[loss]:.3f}"),
+                        TimeRemainingColumn(), console=error_console, transient=False)
+    tasks: dict[str, int] = {}
 
-        def on_step(phase: str, step: int, total: int, loss: float) -> None:
-            progress.update(tasks[phase], completed=step, loss=loss)
+    def on_step(phase: str, step: int, total: int, loss: float) -> None:
+        # The bars start with the first step, so input errors found before training print no bars.
+        if not tasks:
+            progress.start()
+            tasks["fp32"] = progress.add_task("fp32 training", total=float_steps, loss=float("nan"))
+            tasks["qat"] = progress.add_task("QAT training ", total=qat_steps, loss=float("nan"))
+        progress.update(tasks[phase], completed=step, loss=loss)
 
+    try:
         result = run_qat(spec, config, on_step)
+    finally:
+        progress.stop()
 
     table = Table(title=f"QAT of {model} on {text.name} ({result.tokenizer}; {result.train_tokens} training, {result.validation_tokens} validation tokens)")
     table.add_column("model")
@@ -164,6 +172,14 @@ def _show_each_warning_once() -> None:
     warnings.showwarning = show_once
 
 
+def _check_seq_len(model, seq_len: int) -> None:
+    from .models import max_positions
+
+    limit = max_positions(model)
+    if limit is not None and seq_len > limit:
+        raise ModelSpecError(f"--seq-len {seq_len} is longer than the model's {limit} positions; pass --seq-len {limit} or less")
+
+
 class _nothing:
     def __enter__(self):
         return self
@@ -180,28 +196,29 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         # Without standalone mode click returns the code of typer.Exit instead of exiting.
-        code = app(standalone_mode=False)
+        code = app(standalone_mode=False, prog_name="qat-planner")
         if isinstance(code, int) and code:
             sys.exit(code)
     except PlannerError as exc:
         error_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(1)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, typer.Abort):
         error_console.print("interrupted")
         sys.exit(130)
-    except (typer.Exit, SystemExit) as exc:
-        sys.exit(getattr(exc, "exit_code", getattr(exc, "code", 0)))
-    except Exception as exc:  # the last resort: keep the traceback, show one line
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.TyperException as exc:  # usage errors: bad option values, missing arguments
+        if hasattr(exc, "show"):
             exc.show()
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
-            sys.exit(130)
+        sys.exit(getattr(exc, "exit_code", 2))
+    except OSError as exc:  # a file the user named cannot be written or read
+        error_console.print(f"[bold red]error:[/] {exc.strerror or exc}: {exc.filename}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+    except Exception as exc:  # the last resort: keep the traceback, show one line
         with tempfile.NamedTemporaryFile("w", prefix="qat-planner-", suffix=".log", delete=False) as log:
             traceback.print_exc(file=log)
-        error_console.print(f"[bold red]unexpected error:[/] {type(exc).__name__}: {exc}. Full traceback: {log.name}", highlight=False)
+        error_console.print(f"[bold red]unexpected error:[/] {type(exc).__name__}: {exc}. Full traceback: {log.name}",
+                            highlight=False, soft_wrap=True)
         sys.exit(2)
 
 

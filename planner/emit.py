@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import copy
 import logging
+import warnings
 from typing import Any
 
 import torch
 from torch import nn
 import torch.ao.quantization as tq
 
-from .errors import EmitError
+from .errors import EmitError, PlannerWarning
 from .plan import Plan
 from .qconfigs import build_qconfig
 from .trace import qualified_name
@@ -42,6 +43,23 @@ class StubWrapper(nn.Module):
         self.output_name = _stub_name(output_kind, "out")
         if self.output_name:
             self.add_module(self.output_name, _new_stub(output_kind))
+
+    def __getattr__(self, name: str) -> Any:
+        # Model code sometimes reads attributes of a module it calls (ViT reads
+        # ``projection.weight.dtype``); those reads reach the wrapped module. After convert, a quantized
+        # module's ``weight()``/``bias()`` are methods returning quantized tensors, so the wrapper returns
+        # them dequantized and such reads keep seeing float tensors.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            modules = self.__dict__.get("_modules", {})
+            if "module" not in modules:
+                raise
+        value = getattr(modules["module"], name)
+        if name in ("weight", "bias") and callable(value) and not isinstance(value, nn.Module):
+            value = value()
+            return value.dequantize() if isinstance(value, torch.Tensor) and value.is_quantized else value
+        return value
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.input_name:
@@ -155,6 +173,20 @@ def _check_model_matches(model: nn.Module, plan: Plan) -> None:
                 f"module {name!r} is {qualified_name(type(module))} but the plan expects {node.type}; "
                 "pass the original float model, not an emitted or prepared one"
             )
+    planned = [name for name, node in plan.nodes.items() if node.kind == "module"]
+    unplanned = [
+        name for name, module in model.named_modules()
+        if name and not any(True for _ in module.children()) and any(True for _ in module.parameters(recurse=False))
+        and name not in plan.nodes and not any(name.startswith(p + ".") for p in planned)
+    ]
+    if unplanned:
+        warnings.warn(
+            f"the model has {len(unplanned)} modules with parameters that the plan does not name "
+            f"({', '.join(unplanned[:3])}{', ...' if len(unplanned) > 3 else ''}); they stay fp32. If the plan "
+            "was made for a smaller configuration, plan this model instead",
+            PlannerWarning,
+            stacklevel=3,
+        )
 
 
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:

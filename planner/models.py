@@ -58,21 +58,18 @@ def gpt2_config(name: str, vocab_size: int | None = None, n_positions: int | Non
     return GPT2Config(**shape)
 
 
+def max_positions(model: nn.Module) -> int | None:
+    """Return the context length of a Hugging Face model's config, or ``None`` when it has none."""
+    config = getattr(model, "config", None)
+    for key in ("n_positions", "max_position_embeddings"):
+        value = getattr(config, key, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
 def _token_inputs(device, seq_len: int, vocab_size: int | None) -> dict[str, torch.Tensor]:
     return {"input_ids": torch.zeros(1, seq_len, dtype=torch.long, device=device)}
-
-
-def _build_from_config(config):
-    def build(device, vocab_size=None):
-        from transformers import AutoModelForCausalLM
-
-        local = config.__class__.from_dict(config.to_dict())
-        if vocab_size is not None:
-            local.vocab_size = vocab_size
-        with torch.device(device):
-            return AutoModelForCausalLM.from_config(local)
-
-    return build
 
 
 def resolve_model(spec: str) -> ModelSpec:
@@ -119,16 +116,48 @@ def _resolve_folder(path: Path) -> ModelSpec:
     has_weights = any(path.glob("*.safetensors")) or any(path.glob("*.bin"))
     has_tokenizer = any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json"))
 
-    def build(device, vocab_size=None):
-        from transformers import AutoModelForCausalLM
+    model_class = _architecture_class(config, path)
 
+    def build(device, vocab_size=None):
         if has_weights and str(device) != "meta":
-            model = AutoModelForCausalLM.from_pretrained(path)
-            return model.to(device)
-        return _build_from_config(config)(device, vocab_size)
+            return model_class.from_pretrained(path).to(device)
+        local = config.__class__.from_dict(config.to_dict())
+        if vocab_size is not None:
+            local.vocab_size = vocab_size
+        with torch.device(device):
+            return model_class(local)
 
     return ModelSpec(name=str(path), build=build, example_inputs=_token_inputs, folder=path,
                      extra={"config": config, "has_weights": has_weights, "has_tokenizer": has_tokenizer})
+
+
+def _architecture_class(config, path: Path):
+    """Return the class named by ``architectures`` in config.json, or the causal-LM auto class."""
+    import transformers
+
+    names = getattr(config, "architectures", None) or []
+    for name in names:
+        cls = getattr(transformers, name, None)
+        if cls is not None:
+            return cls
+    if names:
+        raise ModelSpecError(f"{path}/config.json names architecture {names[0]!r}, which transformers {transformers.__version__} does not have")
+    from transformers import AutoModelForCausalLM
+
+    return _AutoFromConfig(AutoModelForCausalLM)
+
+
+class _AutoFromConfig:
+    """Adapter so an auto class builds from a config like a model class does."""
+
+    def __init__(self, auto):
+        self.auto = auto
+
+    def __call__(self, config):
+        return self.auto.from_config(config)
+
+    def from_pretrained(self, path):
+        return self.auto.from_pretrained(path)
 
 
 def _resolve_factory(spec: str) -> ModelSpec:
@@ -143,7 +172,10 @@ def _resolve_factory(spec: str) -> ModelSpec:
         raise ModelSpecError(f"module {module_name!r} has no attribute {attribute!r} (model {spec!r})") from None
     if not callable(factory):
         raise ModelSpecError(f"{spec!r} is not callable; a factory takes no arguments and returns a model")
-    produced = factory()
+    try:
+        produced = factory()
+    except Exception as exc:  # the user's code failed; say where, keep the cause chained
+        raise ModelSpecError(f"factory {spec!r} raised {type(exc).__name__}: {exc}") from exc
     model, inputs = produced if isinstance(produced, tuple) and len(produced) == 2 else (produced, None)
     if not isinstance(model, nn.Module):
         raise ModelSpecError(f"factory {spec!r} returned {type(model).__name__}, not an nn.Module (or (module, example_inputs))")

@@ -173,12 +173,21 @@ def run_qat(spec: ModelSpec, config: QATConfig, on_step: StepCallback | None = N
     data = torch.tensor(ids, dtype=torch.long)
     split = int(len(data) * 0.9)
     train_data, validation = data[:split], data[split:]
-    if len(train_data) <= config.seq_len + 1:
-        raise PlannerError(f"{config.text} has {len(data)} tokens; QAT needs more than {config.seq_len + 1} for training")
+    window = config.seq_len + 1
+    if len(train_data) <= window or len(validation) < window:
+        raise PlannerError(
+            f"{config.text} has {len(data)} tokens; with --seq-len {config.seq_len} QAT needs at least "
+            f"{10 * window + 1} so that the held-out 10% holds one window; use a longer text or a smaller --seq-len"
+        )
     generator = torch.Generator().manual_seed(config.seed)
-    batches = _batches(train_data, config.seq_len + 1, config.batch_size, generator)
+    batches = _batches(train_data, window, config.batch_size, generator)
 
     model = spec.model("cpu", vocab_size)
+    if not hasattr(getattr(model, "config", None), "vocab_size"):
+        raise PlannerError(
+            f"qat trains causal language models (token ids in, logits out), and {type(model).__name__} is not a "
+            "Hugging Face model with a vocabulary; use plan and validate for other models"
+        )
     vocab = vocab_size or model.config.vocab_size
     _train(model, batches, config.float_steps, config.float_lr, "fp32", on_step)
     model.eval()

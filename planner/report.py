@@ -205,16 +205,17 @@ def _short_type(qualified: str | None) -> str:
 
 
 def _fp32_summary(plan: Plan) -> list[tuple[str, int, str]]:
-    """Count what stays fp32 by a rule (module type or op), with the reason of the first such node."""
-    counts: Counter[str] = Counter()
-    reasons: dict[str, str] = {}
+    """Count what stays fp32 by a rule, per module type or op and deciding rule, with that rule's reason."""
+    counts: Counter[tuple[str, str]] = Counter()
+    reasons: dict[tuple[str, str], str] = {}
     for node in plan.nodes.values():
         if node.domain != "fp32" or node.kind not in ("module", "op") or node.requirement != "fp32":
             continue
-        key = _short_type(node.type) if node.kind == "module" else f"op {node.op}"
+        key = (_short_type(node.type) if node.kind == "module" else f"op {node.op}", node.rule or "no rule")
         counts[key] += 1
-        reasons.setdefault(key, f"{node.reason} [{node.rule or 'default'}]")
-    return [(key, counts[key], reasons[key]) for key in sorted(counts, key=lambda k: (-counts[k], k))]
+        reasons.setdefault(key, f"{node.reason} [{node.rule or 'no rule matches'}]")
+    ordered = sorted(counts, key=lambda k: (-counts[k], k))
+    return [(what, counts[(what, rule)], reasons[(what, rule)]) for what, rule in ordered]
 
 
 def _substitution_summary(plan: Plan) -> list[tuple[str, str, int]]:
@@ -225,6 +226,11 @@ def _substitution_summary(plan: Plan) -> list[tuple[str, str, int]]:
             target += "(" + ", ".join(f"{k}={v!r}" for k, v in record.kwargs.items()) + ")"
         counts[(_short_type(record.source), target)] += 1
     return [(source, target, count) for (source, target), count in sorted(counts.items())]
+
+
+def _cost_text(plan: Plan) -> str:
+    unit = "converted elements" if plan.objective == "bytes" else "conversions"
+    return f"cut cost {plan.stats.cost} {unit} (objective {plan.objective})"
 
 
 def _example_shapes(plan: Plan) -> str:
@@ -243,7 +249,7 @@ def _text_lines(plan: Plan) -> list[str]:
         "[bold]Data path[/] ([bold green]int8[/], [cyan]fp32[/]; [bold yellow]\\[Q][/] QuantStub, [bold yellow]\\[DQ][/] DeQuantStub)",
     ]
     if head:
-        lines.append("  before the blocks: " + " → ".join(_path_tokens(plan, head)))
+        lines.append(("  before the blocks: " if blocks else "  ") + " → ".join(_path_tokens(plan, head)))
     for group in _fold(plan, blocks):
         first = group[0]
         note = ": same plan" if len(group) > 1 else ""
@@ -286,7 +292,7 @@ def _text_lines(plan: Plan) -> list[str]:
         "",
         f"[bold]Totals[/]: {stats.conversions} conversions ({stats.quantize} QuantStub, {stats.dequantize} DeQuantStub), "
         f"{stats.converted_elements} elements converted per forward; {stats.int8_modules} int8 modules, "
-        f"{stats.fp32_modules} fp32 modules; cut cost {stats.cost} ({plan.objective})",
+        f"{stats.fp32_modules} fp32 modules; {_cost_text(plan)}",
     ]
     return lines
 
@@ -326,7 +332,7 @@ def _markdown(plan: Plan) -> str:
         return " → ".join(_md_token(t, plan, names, strip) for t in tokens)
 
     if head:
-        out.append(f"- before the blocks: {path(head)}")
+        out.append(f"- {'before the blocks: ' if blocks else ''}{path(head)}")
     for group in _fold(plan, blocks):
         note = " (same plan)" if len(group) > 1 else ""
         out.append(f"- `{_group_label(group)}`{note}: {path(group[0].names, group[0].label + '.')}")
@@ -357,7 +363,7 @@ def _markdown(plan: Plan) -> str:
         "",
         f"{stats.conversions} conversions ({stats.quantize} QuantStub, {stats.dequantize} DeQuantStub), "
         f"{stats.converted_elements} elements converted per forward; {stats.int8_modules} int8 modules, "
-        f"{stats.fp32_modules} fp32 modules; cut cost {stats.cost} ({plan.objective}).",
+        f"{stats.fp32_modules} fp32 modules; {_cost_text(plan)}.",
         "",
     ]
     return "\n".join(out)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -64,6 +65,16 @@ class Match(_Model):
     op: tuple[str, ...] | None = None
 
     _normalize = field_validator("type", "fqn", "op", mode="before")(_as_tuple)
+
+    @field_validator("fqn_regex")
+    @classmethod
+    def _compiles(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"invalid regular expression: {exc}") from None
+        return value
 
     @model_validator(mode="after")
     def _not_empty(self) -> "Match":

@@ -82,9 +82,11 @@ def _export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> 
     # On a failed guard torch.export prints the partial graph to stderr with print(); it is captured
     # here and dropped, because the TraceError names the module and source line instead.
     captured = io.StringIO()
-    symbolic_shapes = logging.getLogger("torch.fx.experimental.symbolic_shapes")
-    level = symbolic_shapes.level
-    symbolic_shapes.setLevel(logging.ERROR)
+    # torch also logs the failing op's traceback at ERROR level; the TraceError replaces both.
+    noisy = [logging.getLogger(name) for name in ("torch.fx.experimental.symbolic_shapes", "torch._subclasses.fake_tensor")]
+    levels = [logger.level for logger in noisy]
+    for logger_ in noisy:
+        logger_.setLevel(logging.CRITICAL)
     try:
         with contextlib.redirect_stderr(captured):
             exported = torch.export.export(model, args, kwargs, strict=False)
@@ -95,7 +97,8 @@ def _export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> 
             sys.stderr.write(rest)
         raise TraceError(_describe_trace_failure(model, exc, list(running))) from exc
     finally:
-        symbolic_shapes.setLevel(level)
+        for logger_, level in zip(noisy, levels):
+            logger_.setLevel(level)
         model.train(was_training)
         for handle in handles:
             handle.remove()
@@ -202,12 +205,14 @@ def _collapse(exported: torch.export.ExportedProgram, model: nn.Module) -> nx.Di
     add_node(Node(name="output", kind="output", fqn="", order=order + 1))
 
     # Step 2: float tensors that cross group borders become edges.
+    call_outputs = _call_outputs(fx_nodes)
     edge_tensors: dict[tuple[str, str], dict[tuple[str, int | None], TensorInfo]] = defaultdict(dict)
     for fx_node in fx_nodes:
         consumer = "output" if fx_node.op == "output" else group_of.get(fx_node)
         if consumer is None:
             continue
         for arg in _flatten_node_args(fx_node):
+            arg = _through_inner_aliases(arg, consumer, group_of, call_outputs)
             producer = group_of.get(arg)
             if producer is None or producer == consumer:
                 continue
@@ -235,6 +240,43 @@ def _collapse(exported: torch.export.ExportedProgram, model: nn.Module) -> nx.Di
     for fqn in {data["node"].fqn for _, data in graph.nodes(data=True) if data["node"].kind == "module"}:
         graph.nodes[fqn]["node"].calls = _count_calls(fqn, stacks, exported)
     return graph
+
+
+# Ops that return their input object itself when nothing changes (``x.to(torch.float32)`` on a float32
+# tensor, ``contiguous`` on a contiguous one, dropout in eval mode). torch.export then maps every later
+# use of that Python object to the op's node, even uses outside the module that ran the op.
+_ALIAS_OPS = frozenset({"to", "alias", "contiguous", "dropout", "type_as"})
+
+
+def _call_outputs(fx_nodes: list[torch.fx.Node]) -> set[torch.fx.Node]:
+    """Return the last node of each module call, the one a call most likely returns."""
+    last: dict[str, torch.fx.Node] = {}
+    for fx_node in fx_nodes:
+        stack = fx_node.meta.get("nn_module_stack") if fx_node.op == "call_function" else None
+        if stack:
+            last[list(stack.keys())[-1]] = fx_node
+    return set(last.values())
+
+
+def _through_inner_aliases(arg, consumer: str, group_of: dict, call_outputs: set) -> torch.fx.Node:
+    """Follow an aliasing op back to its input when the consumer reads the object that entered a module.
+
+    RMSNorm's ``hidden_states.to(torch.float32)`` returns the residual tensor itself, so the residual
+    add appears to read the norm's node. An aliasing op that is not the last op of its module call
+    did not produce the call's output, so a reader outside that module is reading the op's input.
+    """
+    while (
+        isinstance(arg, torch.fx.Node)
+        and arg.op == "call_function"
+        and arg not in call_outputs
+        and group_of.get(arg) not in (None, consumer)
+        and canonical_op_name(arg.target) in _ALIAS_OPS
+        and arg.args
+        and isinstance(arg.args[0], torch.fx.Node)
+        and group_of.get(arg.args[0]) != group_of.get(arg)
+    ):
+        arg = arg.args[0]
+    return arg
 
 
 def _count_calls(fqn: str, stacks: dict[torch.fx.Node, list[str]], exported: torch.export.ExportedProgram) -> int:

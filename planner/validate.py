@@ -227,8 +227,12 @@ def check_plan_dynamic(model: nn.Module, args, kwargs, plan: Plan, *, steps: int
     fp32 = Check("fp32 output unchanged by emit (before prepare_qat)")
     reference = copy.deepcopy(model).eval()
     emitted.eval()
-    with torch.no_grad():
-        difference = (_run(reference, args, kwargs) - _run(emitted, args, kwargs)).abs().max().item()
+    try:
+        with torch.no_grad():
+            difference = (_run(reference, args, kwargs) - _run(emitted, args, kwargs)).abs().max().item()
+    except Exception as exc:  # an emitted model that cannot run is a failed check, not a crash
+        fp32.fail(type(exc).__name__, (str(exc).strip().splitlines() or [""])[0][:300])
+        return [emission, fp32]
     fp32.detail = f"max abs difference {difference:.3g} (limit {FP32_TOLERANCE})"
     if not difference <= FP32_TOLERANCE:
         fp32.fail("<output>", f"differs by {difference:.3g}")

@@ -123,3 +123,87 @@ def test_deprecation_warnings_shown_once(tmp_path):
                         "--seq-len", "16", "--batch-size", "2")
     assert completed.returncode == 0, completed.stderr
     assert completed.stderr.count("torch.ao.quantization is deprecated") == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        pytest.param(["plan", "gpt2", "--objective", "time"], "Invalid value for '--objective'", id="bad-objective"),
+        pytest.param(["plan"], "Missing argument 'model'", id="missing-model"),
+        pytest.param(["plan", "gpt2", "--seq-len", "0"], "Invalid value for '--seq-len'", id="zero-seq-len"),
+        pytest.param(["qat", "gpt2-tiny", "--text", "no-such-file.txt"], "Invalid value for '--text'", id="missing-text"),
+    ],
+)
+def test_usage_errors_exit_2_with_usage(args, expected):
+    completed = run_cli(*args)
+    assert completed.returncode == 2
+    assert completed.stderr.startswith("Usage: qat-planner ")
+    assert expected in completed.stderr
+    assert "unexpected error" not in completed.stderr
+
+
+def test_seq_len_beyond_positions_rejected():
+    completed = run_cli("plan", "gpt2", "--seq-len", "2000")
+    assert completed.returncode == 1
+    assert completed.stderr.strip() == "error: --seq-len 2000 is longer than the model's 1024 positions; pass --seq-len 1024 or less"
+
+
+def test_missing_output_folder_is_one_line(tmp_path):
+    target = tmp_path / "missing" / "report.txt"
+    completed = run_cli("plan", "gpt2-tiny", "--out", str(target))
+    assert completed.returncode == 1
+    assert completed.stderr.strip() == f"error: No such file or directory: {target}"
+
+
+def test_raising_factory_is_named(tmp_path):
+    (tmp_path / "broken.py").write_text("def build():\n    raise RuntimeError('boom in factory')\n")
+    completed = run_cli("plan", "broken:build", cwd=tmp_path)
+    assert completed.returncode == 1
+    assert completed.stderr.strip() == "error: factory 'broken:build' raised RuntimeError: boom in factory"
+
+
+def test_qat_short_text_rejected_before_training(tmp_path):
+    text = tmp_path / "short.txt"
+    text.write_text("To be, or not to be." * 10)
+    completed = run_cli("qat", "gpt2-tiny", "--text", str(text))
+    assert completed.returncode == 1
+    assert completed.stderr.strip().endswith(
+        f"error: {text} has 200 tokens; with --seq-len 128 QAT needs at least 1291 so that the held-out 10% "
+        "holds one window; use a longer text or a smaller --seq-len"
+    )
+    assert "fp32 training" not in completed.stderr
+
+
+def test_qat_rejects_non_language_model(tmp_path):
+    (tmp_path / "cnn.py").write_text(
+        "import torch\nfrom torch import nn\n\n"
+        "def build():\n    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()), (torch.randn(1, 3, 8, 8),)\n"
+    )
+    text = tmp_path / "text.txt"
+    text.write_text("hello world " * 2000)
+    completed = run_cli("qat", "cnn:build", "--text", str(text), "--seq-len", "16", cwd=tmp_path)
+    assert completed.returncode == 1
+    assert "qat trains causal language models (token ids in, logits out), and Sequential is not" in completed.stderr
+
+
+def test_folder_uses_saved_architecture(tmp_path):
+    from transformers import GPT2Model
+
+    from conftest import small_gpt2_config
+
+    GPT2Model(small_gpt2_config()).save_pretrained(tmp_path / "base")
+    completed = run_cli("plan", str(tmp_path / "base"), "--format", "json", "--seq-len", "16")
+    assert completed.returncode == 0, completed.stderr
+    data = json.loads(completed.stdout)
+    assert data["model"] == "transformers.models.gpt2.modeling_gpt2.GPT2Model"
+    assert "lm_head" not in data["nodes"]
+
+
+def test_fp32_summary_counts_per_rule(tmp_path):
+    rules = tmp_path / "keep-first.json"
+    rules.write_text(json.dumps({"name": "keep-first", "extends": ["default"], "rules": [
+        {"match": {"fqn": "transformer.h.0.*"}, "action": "float", "reason": "first block is accuracy-sensitive"}]}))
+    result = runner.invoke(app, ["plan", "gpt2-tiny", "--rules", str(rules)], env={"NO_COLOR": "1", "COLUMNS": "300"})
+    assert result.exit_code == 0, result.output
+    assert "2 × LayerNorm: first block is accuracy-sensitive [keep-first:rules[0]]" in result.output
+    assert "7 × LayerNorm: normalization and attention are accuracy-sensitive" in result.output

@@ -217,3 +217,9 @@ def test_gpt2_qat_on_shakespeare_converts_and_generates(shakespeare):
     tokens = converted.generate(validation[:1, :8], max_new_tokens=6, do_sample=False, pad_token_id=255)
     assert tokens.shape == (1, 14)
     assert torch.equal(tokens[:, :8], validation[:1, :8])
+
+
+def test_emit_warns_about_modules_the_plan_does_not_name():
+    plan = planner.plan(GPT2LMHeadModel(small_gpt2_config(n_layer=2)), meta_ids())
+    with pytest.warns(planner.PlannerWarning, match=r"the model has 6 modules with parameters that the plan does not name \(transformer\.h\.2\.ln_1"):
+        planner.emit(GPT2LMHeadModel(small_gpt2_config(n_layer=3)), plan)

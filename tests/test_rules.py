@@ -214,3 +214,13 @@ def test_embedding_quantize_rule_rejected():
         "py:rules[0]: rule quantizes embedding '0', but eager mode quantizes embeddings only weight-only; "
         "use action 'float' with qconfig 'float_qparams_weight_only'"
     )
+
+
+def test_invalid_regex_rejected_at_load(tmp_path):
+    path = write(tmp_path, "regex.json", {"rules": [{"match": {"fqn_regex": "transformer.(h"}, "action": "float"}]})
+    with pytest.raises(RuleError) as info:
+        load_rules(path)
+    assert str(info.value) == (
+        f"{path}: rules[0].match.fqn_regex: invalid regular expression: missing ), unterminated subpattern "
+        "at position 12 (got 'transformer.(h')"
+    )
