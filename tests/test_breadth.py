@@ -313,8 +313,7 @@ class ResidualBesideCastingNorm(nn.Module):
 # ---- fixtures -------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def bert():
+def build_bert():
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
@@ -322,11 +321,16 @@ def bert():
                         max_position_embeddings=64, attn_implementation="eager")
     model = BertModel(config).eval()
     inputs = {"input_ids": token_ids(100), "attention_mask": torch.ones(1, 8, dtype=torch.long)}
-    return model, inputs, planner.plan(model, inputs)
+    return model, inputs
 
 
 @pytest.fixture(scope="module")
-def opt():
+def bert():
+    model, inputs = build_bert()
+    return model, inputs, planner.plan(model, inputs)
+
+
+def build_opt():
     from transformers import OPTConfig, OPTForCausalLM
 
     torch.manual_seed(0)
@@ -334,11 +338,16 @@ def opt():
                        max_position_embeddings=64, word_embed_proj_dim=32, pad_token_id=1, bos_token_id=2, eos_token_id=2)
     model = OPTForCausalLM(config).eval()
     inputs = {"input_ids": token_ids(100)}
-    return model, inputs, planner.plan(model, inputs)
+    return model, inputs
 
 
 @pytest.fixture(scope="module")
-def llama():
+def opt():
+    model, inputs = build_opt()
+    return model, inputs, planner.plan(model, inputs)
+
+
+def build_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -347,11 +356,16 @@ def llama():
                          num_key_value_heads=1, max_position_embeddings=64)
     model = LlamaForCausalLM(config).eval()
     inputs = {"input_ids": token_ids(100)}
-    return model, inputs, planner.plan(model, inputs)
+    return model, inputs
 
 
 @pytest.fixture(scope="module")
-def vit():
+def llama():
+    model, inputs = build_llama()
+    return model, inputs, planner.plan(model, inputs)
+
+
+def build_vit():
     from transformers import ViTConfig, ViTModel
 
     torch.manual_seed(0)
@@ -359,15 +373,30 @@ def vit():
                        patch_size=8, num_channels=3, attn_implementation="eager")
     model = ViTModel(config).eval()
     inputs = (torch.randn(1, 3, 16, 16),)
+    return model, inputs
+
+
+@pytest.fixture(scope="module")
+def vit():
+    model, inputs = build_vit()
     return model, inputs, planner.plan(model, inputs)
+
+
+def build_relu_gpt():
+    torch.manual_seed(0)
+    model = ReluGPT().eval()
+    inputs = (token_ids(64),)
+    return model, inputs
 
 
 @pytest.fixture(scope="module")
 def relu_gpt():
-    torch.manual_seed(0)
-    model = ReluGPT().eval()
-    inputs = (token_ids(64),)
+    model, inputs = build_relu_gpt()
     return model, inputs, planner.plan(model, inputs)
+
+
+def build_resnet():
+    return tiny_resnet()
 
 
 @pytest.fixture(scope="module")
@@ -376,11 +405,16 @@ def resnet():
     return model, inputs, planner.plan(model, inputs)
 
 
-@pytest.fixture(scope="module")
-def mobilenet():
+def build_mobilenet():
     torch.manual_seed(0)
     model = TinyMobileNet().eval()
     inputs = (torch.randn(2, 3, 16, 16),)
+    return model, inputs
+
+
+@pytest.fixture(scope="module")
+def mobilenet():
+    model, inputs = build_mobilenet()
     return model, inputs, planner.plan(model, inputs)
 
 
@@ -848,3 +882,15 @@ def test_cli_validate_factory_cnn_passes(tmp_path):
     for name in CHECK_NAMES:
         assert any(line.startswith(f"PASS  {name}") for line in lines), f"{name!r} not listed as PASS:\n{result.stdout}"
     assert "11 of 11 checks passed" in result.stdout
+
+
+@pytest.mark.parametrize("name", ["bert", "opt", "llama", "vit", "relu_gpt", "resnet", "mobilenet"])
+def test_validate_command_passes(name, monkeypatch):
+    from typer.testing import CliRunner
+
+    from planner.cli import app
+
+    monkeypatch.chdir(Path(__file__).parent)
+    result = CliRunner().invoke(app, ["validate", f"test_breadth:build_{name}"], env={"NO_COLOR": "1", "COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert result.output.strip().endswith("11 of 11 checks passed")
