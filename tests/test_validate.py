@@ -177,3 +177,20 @@ def test_validate_cli_broken_plan_exits_1(tmp_path):
     assert completed.returncode == 1
     assert "FAIL  every tensor arrives in the domain its consumer runs in" in completed.stdout
     assert "transformer.h.2.mlp.c_fc: receives a fp32 tensor from transformer.h.2.ln_2 but expects int8" in completed.stdout
+
+
+def test_validate_cli_passes_gpt2_small():
+    completed = run_cli("validate", "gpt2")
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    assert completed.stdout.strip().endswith("11 of 11 checks passed")
+
+
+def test_validate_cli_forced_int8_layer_norm_exits_1(tmp_path):
+    completed = run_cli("plan", "gpt2-tiny", "--seq-len", "16", "--format", "json")
+    data = json.loads(completed.stdout)
+    data["nodes"]["transformer.h.1.ln_2"]["domain"] = "int8"
+    (tmp_path / "forced.json").write_text(json.dumps(data))
+    completed = run_cli("validate", "gpt2-tiny", "--seq-len", "16", "--plan", str(tmp_path / "forced.json"))
+    assert completed.returncode == 1
+    assert "FAIL  every node runs in the domain its rule requires" in completed.stdout
+    assert "transformer.h.1.ln_2: required fp32 by default:rules[1] but planned int8" in completed.stdout
