@@ -46,6 +46,13 @@ class Node:
     output_elements: int = 0
     output_shape: tuple[int, ...] | None = None
     aten_ops: list[str] = field(default_factory=list)
+    type_mro: list[str] = field(default_factory=list)
+    enclosing: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def rank(self) -> int | None:
+        """Rank of the node's (first) float output tensor, ``None`` when it has none."""
+        return len(self.output_shape) if self.output_shape is not None else None
 
     @property
     def type_name(self) -> str | None:

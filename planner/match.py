@@ -43,6 +43,8 @@ class Matching:
     decisions: dict[str, Decision]
     fusions: list[tuple[tuple[str, ...], tuple[str, ...]]]  # (module fqns, type names)
     unfused_reasons: list[str]
+    dead_rules: list[RuleOrigin] = field(default_factory=list)
+    conflicts: list[str] = field(default_factory=list)
 
 
 def type_aliases(qualified: str) -> set[str]:
@@ -58,17 +60,57 @@ def _eager_int8_types() -> set[str]:
     return {f"{cls.__module__}.{cls.__qualname__}" for cls in get_default_static_quant_module_mappings() if isinstance(cls, type)}
 
 
-def _rule_matches(rule: Rule, node: Node, type_names: set[str]) -> bool:
+# A repeated block is a module path with a numeric index after a container name: "transformer.h.3",
+# "model.layers.10", "encoder.layer.0", "blocks.2". Reports fold blocks by the same pattern.
+BLOCK_PATTERN = re.compile(r"^(?P<prefix>(?:.*\.)?(?:h|layers|layer|blocks|block))\.(?P<index>\d+)(?=[.:]|$)")
+
+
+def block_of(name: str) -> tuple[str, int] | None:
+    """Return ``(container, index)`` of the repeated block a node name or fqn lies in, or ``None``."""
+    found = BLOCK_PATTERN.match(name)
+    return (found["prefix"], int(found["index"])) if found else None
+
+
+def block_counts(graph: OpGraph) -> dict[str, int]:
+    """Return the number of blocks of each container seen in the graph (largest index + 1)."""
+    counts: dict[str, int] = {}
+    for node in graph.nodes():
+        block = block_of(node.name) or block_of(node.fqn)
+        if block:
+            counts[block[0]] = max(counts.get(block[0], 0), block[1] + 1)
+    return counts
+
+
+def _rule_matches(rule: Rule, node: Node, type_names: set[str], mro_names: set[str], counts: dict[str, int]) -> bool:
     match = rule.match
-    if match.type is not None and (node.kind != "module" or not type_names & set(match.type)):
+    if node.kind not in ("module", "op"):
         return False
+    if match.type is not None:
+        names = type_names | mro_names if match.subclasses else type_names
+        if node.kind != "module" or not names & set(match.type):
+            return False
     if match.op is not None and (node.kind != "op" or node.op not in match.op):
         return False
     if match.fqn is not None and not any(fnmatch.fnmatchcase(node.fqn, pattern) for pattern in match.fqn):
         return False
     if match.fqn_regex is not None and not re.fullmatch(match.fqn_regex, node.fqn):
         return False
-    return node.kind in ("module", "op")
+    if match.within_type is not None:
+        enclosing = set().union(*(type_aliases(t) for _, t in node.enclosing)) if node.enclosing else set()
+        if not enclosing & set(match.within_type):
+            return False
+    if match.within_fqn is not None:
+        if not any(fnmatch.fnmatchcase(fqn, pattern) for fqn, _ in node.enclosing for pattern in match.within_fqn):
+            return False
+    if match.layers is not None:
+        block = block_of(node.name) or block_of(node.fqn)
+        if block is None or not match.layers.covers(block[1], counts[block[0]]):
+            return False
+    if match.rank is not None and node.rank not in match.rank:
+        return False
+    if match.where is not None and not match.where(node):
+        return False
+    return True
 
 
 def _substitution_for(node: Node, rules: ResolvedRules) -> Substitution | None:
@@ -92,20 +134,41 @@ def decide(graph: OpGraph, rules: ResolvedRules) -> Matching:
         PlanError: a rule gives an embedding an activation qconfig, or a float qconfig to a non-embedding.
     """
     int8_types = _eager_int8_types()
+    counts = block_counts(graph)
     decisions: dict[str, Decision] = {}
+    matched: set[int] = set()
+    conflicts: list[str] = []
     for node in graph.nodes():
         if node.kind in ("input", "output", "constant"):
             decisions[node.name] = Decision("fp32", f"model {node.kind}s are fp32")
             continue
         substitution = _substitution_for(node, rules)
         effective = _REPLACEMENT_TYPES[substitution.target] if substitution else node.module_type
-        names = set()
+        names: set[str] = set()
+        mro: set[str] = set()
         if node.module_type:
             names = type_aliases(node.module_type) | (type_aliases(effective) if effective else set())
-        candidates = [(i, rule, origin) for i, (rule, origin) in enumerate(rules.rules) if _rule_matches(rule, node, names)]
+            mro = set().union(*(type_aliases(t) for t in node.type_mro)) if node.type_mro else set()
+        candidates = [(i, rule, origin) for i, (rule, origin) in enumerate(rules.rules)
+                      if _rule_matches(rule, node, names, mro, counts)]
+        matched.update(i for i, _, _ in candidates)
+        conflicts += _conflicts(node, candidates)
         decisions[node.name] = _decide_node(node, candidates, rules, substitution, effective, int8_types)
     fusions, unfused = _find_fusions(graph, decisions, rules)
-    return Matching(decisions=decisions, fusions=fusions, unfused_reasons=unfused)
+    dead = [origin for i, (_, origin) in enumerate(rules.rules) if i not in matched]
+    return Matching(decisions=decisions, fusions=fusions, unfused_reasons=unfused, dead_rules=dead, conflicts=conflicts)
+
+
+def _conflicts(node: Node, candidates) -> list[str]:
+    """Describe the disagreement when the top rules tie on priority and specificity but differ in action."""
+    if len(candidates) < 2:
+        return []
+    ranked = sorted(candidates, key=lambda c: (c[1].priority, c[1].match.specificity, c[0]))
+    top = ranked[-1][1]
+    tied = [c for c in ranked[:-1]
+            if (c[1].priority, c[1].match.specificity) == (top.priority, top.match.specificity) and c[1].action != top.action]
+    return [f"{node.name}: {origin} ({rule.action}) and {ranked[-1][2]} ({top.action}) have equal priority and "
+            f"specificity; {ranked[-1][2]} wins as the later rule" for _, rule, origin in tied]
 
 
 def _decide_node(node, candidates, rules, substitution, effective, int8_types) -> Decision:

@@ -81,6 +81,17 @@ class Edge(_Record):
     elements: int
 
 
+class RuleSummary(_Record):
+    """A rule as the plan records it, so reports and ``explain`` can show it without the rule files."""
+
+    match: dict[str, Any]
+    action: str
+    reason: str | None = None
+    priority: int = 0
+    specificity: int
+    file: str | None = None
+
+
 class PlanStats(_Record):
     """Totals of a plan; ``cost`` is the cut value in the plan's objective."""
 
@@ -112,6 +123,9 @@ class Plan(_Record):
     qconfigs: dict[str, str]
     presets: dict[str, QConfigPreset]
     notes: list[str] = Field(default_factory=list)
+    dead_rules: list[str] = Field(default_factory=list)
+    conflicts: list[str] = Field(default_factory=list)
+    rule_table: dict[str, RuleSummary] = Field(default_factory=dict)
     edges: list[Edge]
     stats: PlanStats
 
@@ -154,6 +168,7 @@ def plan(
     example_kwargs: dict[str, Any] | None = None,
     rules: str | Path | RuleSet | list[str | Path | RuleSet] = "default",
     objective: Objective = "bytes",
+    strict: bool = False,
 ) -> Plan:
     """Trace ``model``, apply ``rules`` and place the cheapest set of conversions.
 
@@ -161,10 +176,16 @@ def plan(
     enough. For models whose ``forward`` takes ``use_cache`` (Hugging Face decoders) ``use_cache=False``
     is passed unless given, because the key/value cache is not part of the quantized data path.
 
+    Rules from your own files or Python objects that match no node are listed in ``Plan.dead_rules``
+    (the built-in sets are written for many architectures, so their unmatched rules are not);
+    ``strict=True`` makes a dead rule an error. Rules of equal priority and specificity that disagree
+    on a node are listed in ``Plan.conflicts``; the later rule decides.
+
     Raises:
         TraceError: torch.export could not trace the model.
         RuleError: a rule set is invalid.
-        PlanError: the objective is unknown or the rules cannot be met in eager mode.
+        PlanError: the objective is unknown, the rules cannot be met in eager mode, or ``strict`` is
+            set and a rule matches nothing.
 
     Example:
         >>> import torch, planner
@@ -178,8 +199,26 @@ def plan(
     graph = trace(model, args, kwargs)
     matching = decide(graph, resolved)
     requirements = {name: d.requirement for name, d in matching.decisions.items()}
+    dead = [origin for origin in matching.dead_rules if not _is_builtin(origin.file)]
+    if strict and dead:
+        where = "; ".join(f"{o} in {o.file or 'a rule set built in Python'}" for o in dead)
+        raise PlanError(f"rules match no node of {type(model).__name__} (strict mode): {where}; fix the match or remove the rule")
     solution = solve(graph, requirements, objective=objective)
-    return _assemble(model, graph, resolved, matching, solution, objective, args, kwargs)
+    result = _assemble(model, graph, resolved, matching, solution, objective, args, kwargs)
+    result.dead_rules = [str(origin) for origin in dead]
+    result.conflicts = list(matching.conflicts)
+    result.rule_table = {
+        str(origin): RuleSummary(match=rule.match.model_dump(mode="json", exclude_defaults=True), action=rule.action, reason=rule.reason,
+                                 priority=rule.priority, specificity=rule.match.specificity, file=origin.file)
+        for rule, origin in resolved.rules
+    }
+    return result
+
+
+def _is_builtin(file: str | None) -> bool:
+    from .rules import builtin_rule_sets
+
+    return file is not None and Path(file) in set(builtin_rule_sets().values())
 
 
 def _split_inputs(model, example_inputs, example_kwargs):

@@ -6,14 +6,16 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Callable, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.json_schema import SkipJsonSchema
 
 from .errors import RuleError
 
 __all__ = [
     "Match",
+    "Layers",
     "Rule",
     "Fusion",
     "Substitution",
@@ -50,21 +52,62 @@ def _as_tuple(value: Any) -> Any:
     return value
 
 
+class Layers(_Model):
+    """Which repeated blocks a rule covers, by the block index in the fqn (``transformer.h.3`` is index 3).
+
+    Set exactly one of ``first`` (the first N blocks), ``last`` (the last N), ``range`` (inclusive
+    ``[start, end]``) or ``index`` (a list of indices). A node outside any repeated block never matches.
+    """
+
+    first: int | None = Field(default=None, ge=1)
+    last: int | None = Field(default=None, ge=1)
+    range: tuple[int, int] | None = None
+    index: tuple[int, ...] | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "Layers":
+        chosen = [name for name in ("first", "last", "range", "index") if getattr(self, name) is not None]
+        if len(chosen) != 1:
+            raise ValueError(f"set exactly one of 'first', 'last', 'range' or 'index'; got {chosen or 'none'}")
+        if self.range is not None and not 0 <= self.range[0] <= self.range[1]:
+            raise ValueError(f"'range' needs 0 <= start <= end; got {list(self.range)}")
+        return self
+
+    def covers(self, index: int, count: int) -> bool:
+        """Return whether block ``index`` of a container with ``count`` blocks is selected."""
+        if self.first is not None:
+            return index < self.first
+        if self.last is not None:
+            return index >= count - self.last
+        if self.range is not None:
+            return self.range[0] <= index <= self.range[1]
+        return index in (self.index or ())
+
+
 class Match(_Model):
     """Which graph nodes a rule applies to. Every field that is set must match (AND); a list means OR.
 
     ``type`` matches a module node by its class name, short (``Linear``) or qualified
     (``torch.nn.modules.linear.Linear``); a substituted module is matched by its replacement type as
-    well. ``fqn`` is a glob on the module path (``transformer.h.*.mlp.*``); for op nodes it matches the
-    enclosing module's path. ``op`` matches op nodes by canonical op name (``softmax``, ``add``).
+    well, and subclasses only with ``subclasses: true``. ``fqn``/``fqn_regex`` match the module path
+    (for op nodes, the enclosing module's path). ``op`` matches op nodes by canonical op name
+    (``softmax``, ``add``). ``within_type``/``within_fqn`` match any enclosing module. ``layers``
+    selects repeated blocks by index, and ``rank`` the rank of the node's output tensor. ``where`` is
+    a Python predicate on the traced `planner.graph.Node`; it cannot be written in JSON.
     """
 
     type: tuple[str, ...] | None = None
+    subclasses: bool = False
     fqn: tuple[str, ...] | None = None
     fqn_regex: str | None = None
     op: tuple[str, ...] | None = None
+    within_type: tuple[str, ...] | None = None
+    within_fqn: tuple[str, ...] | None = None
+    layers: Layers | None = None
+    rank: tuple[int, ...] | None = None
+    where: SkipJsonSchema[Callable[[Any], bool] | None] = Field(default=None, exclude=True, repr=False)
 
-    _normalize = field_validator("type", "fqn", "op", mode="before")(_as_tuple)
+    _normalize = field_validator("type", "fqn", "op", "within_type", "within_fqn", "rank", mode="before")(_as_tuple)
 
     @field_validator("fqn_regex")
     @classmethod
@@ -78,22 +121,33 @@ class Match(_Model):
 
     @model_validator(mode="after")
     def _not_empty(self) -> "Match":
-        if self.type is None and self.fqn is None and self.fqn_regex is None and self.op is None:
-            raise ValueError("a match needs at least one of 'type', 'fqn', 'fqn_regex' or 'op'")
+        selectors = ("type", "fqn", "fqn_regex", "op", "within_type", "within_fqn", "layers", "rank", "where")
+        if all(getattr(self, name) is None for name in selectors):
+            raise ValueError(f"a match needs at least one of {', '.join(repr(n) for n in selectors[:-1])}")
         if self.type is not None and self.op is not None:
             raise ValueError("'type' matches module nodes and 'op' matches op nodes, so a match with both matches nothing")
+        if self.subclasses and self.type is None:
+            raise ValueError("'subclasses' needs 'type'")
         return self
 
     @property
     def specificity(self) -> int:
-        """Rank used to order rules of equal priority: an exact path beats a glob or regex beats a type or op."""
+        """Rank used to order rules of equal priority; see the precedence section of the rules guide.
+
+        An exact ``fqn`` scores 4, a glob or ``fqn_regex`` 2, ``type`` (1 when ``subclasses`` is
+        false, 0 when true), ``op``, ``within_*``, ``layers``, ``rank`` and ``where`` 1 each; the
+        scores add up.
+        """
         score = 0
         if self.fqn is not None:
             score += 4 if all(not any(c in p for c in "*?[") for p in self.fqn) else 2
         if self.fqn_regex is not None:
             score += 2
-        if self.type is not None or self.op is not None:
+        if self.type is not None and not self.subclasses:
             score += 1
+        for name in ("op", "within_type", "within_fqn", "layers", "rank", "where"):
+            if getattr(self, name) is not None:
+                score += 1
         return score
 
 
@@ -136,13 +190,22 @@ class Substitution(_Model):
 class QConfigPreset(_Model):
     """A named qconfig, so rule files choose quantization schemes without code.
 
-    ``scheme="activation_and_weight"`` builds a QAT qconfig with fake-quantized activations and weights;
-    ``scheme="float_qparams_weight_only"`` is the only scheme embeddings accept.
+    ``scheme="activation_and_weight"`` builds a QAT qconfig: fake-quantized activations (``quint8`` or
+    ``qint8``) and ``qint8`` weights, per-channel or per-tensor, symmetric or affine.
+    ``reduce_range`` defaults to the backend's choice (true for x86 and fbgemm, whose int8 kernels can
+    overflow with full-range activations). ``fake_quant="fused"`` uses torch's fused observer and
+    fake-quant module, ``"standard"`` the separate `FakeQuantize`; ``observer`` picks its activation
+    observer. ``scheme="float_qparams_weight_only"`` is the only scheme embeddings accept.
     """
 
     scheme: Literal["activation_and_weight", "float_qparams_weight_only"] = "activation_and_weight"
     backend: Backend = "x86"
     weight: Literal["per_channel", "per_tensor"] = "per_channel"
+    symmetric: bool = True
+    activation_dtype: Literal["quint8", "qint8"] = "quint8"
+    reduce_range: bool | None = None
+    fake_quant: Literal["fused", "standard"] = "fused"
+    observer: Literal["moving_average_minmax", "minmax"] = "moving_average_minmax"
 
 
 class RuleSet(_Model):
@@ -164,6 +227,24 @@ class RuleSet(_Model):
     substitutions: tuple[Substitution, ...] = ()
 
     _normalize = field_validator("extends", mode="before")(_as_tuple)
+
+    def to_json(self, indent: int = 2) -> str:
+        """Return the rule set as JSON.
+
+        Raises:
+            RuleError: a rule holds a Python ``where=`` predicate, which JSON cannot store.
+        """
+        with_code = [i for i, rule in enumerate(self.rules) if rule.match.where is not None]
+        if with_code:
+            raise RuleError(
+                f"rule set {self.name!r} cannot be saved as JSON: rules[{with_code[0]}] has a Python where= predicate; "
+                "express it with JSON match fields (fqn, fqn_regex, layers, within_type, ...) or keep this set in Python"
+            )
+        return self.model_dump_json(indent=indent, exclude_defaults=True)
+
+    def save(self, path: str | Path) -> None:
+        """Write the rule set to a JSON file that `load_rules` reads back; raises like `to_json`."""
+        Path(path).write_text(self.to_json() + "\n", encoding="utf-8")
 
 
 BUILTIN_PRESETS: dict[str, QConfigPreset] = {
@@ -272,7 +353,7 @@ def _accepted_keys(loc: tuple[Any, ...]) -> str:
             if candidate is annotation or candidate.__name__ in str(annotation):
                 model = candidate
                 break
-    return ", ".join(model.model_fields)
+    return ", ".join(name for name, field in model.model_fields.items() if not field.exclude)
 
 
 @dataclass(frozen=True)

@@ -138,6 +138,19 @@ def _user_source_line(exc: BaseException) -> str | None:
     return None
 
 
+def _mro_names(cls: type) -> list[str]:
+    """Return the qualified names of ``cls`` and its module base classes, most derived first."""
+    return [qualified_name(base) for base in cls.__mro__ if issubclass(base, nn.Module) and base is not nn.Module]
+
+
+def _enclosing(fx_node: torch.fx.Node, model: nn.Module, skip_last: bool) -> list[tuple[str, str]]:
+    """Return ``(fqn, qualified type)`` of the modules around a node, outermost first, root excluded."""
+    fqns = [fqn for fqn in _stack_fqns(fx_node) if fqn]
+    if skip_last:
+        fqns = fqns[:-1]
+    return [(fqn, qualified_name(type(model.get_submodule(fqn)))) for fqn in fqns]
+
+
 def _stack_fqns(fx_node: torch.fx.Node) -> list[str]:
     stack = fx_node.meta.get("nn_module_stack") or {}
     return [path for path, _type in stack.values()]
@@ -193,14 +206,16 @@ def _collapse(exported: torch.export.ExportedProgram, model: nn.Module) -> nx.Di
                 module = model.get_submodule(innermost)
                 if innermost not in graph:
                     add_node(Node(name=innermost, kind="module", fqn=innermost, order=order,
-                                  module_type=f"{type(module).__module__}.{type(module).__qualname__}"))
+                                  module_type=qualified_name(type(module)), type_mro=_mro_names(type(module)),
+                                  enclosing=_enclosing(fx_node, model, skip_last=True)))
                 graph.nodes[innermost]["node"].aten_ops.append(op)
                 group_of[fx_node] = innermost
             else:
                 index = op_counters[(innermost, op)]
                 op_counters[(innermost, op)] += 1
                 name = f"{innermost}:{op}#{index}" if innermost else f"{op}#{index}"
-                add_node(Node(name=name, kind="op", fqn=innermost, order=order, op=op, aten_ops=[op]))
+                add_node(Node(name=name, kind="op", fqn=innermost, order=order, op=op, aten_ops=[op],
+                              enclosing=_enclosing(fx_node, model, skip_last=False)))
                 group_of[fx_node] = name
     add_node(Node(name="output", kind="output", fqn="", order=order + 1))
 

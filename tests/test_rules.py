@@ -35,7 +35,8 @@ BAD_FILES = [
     pytest.param(
         "match.json",
         {"rules": [{"match": {"typ": "Linear"}, "action": "quantize"}]},
-        "match.json: rules[0].match.typ: unknown key; accepted keys: type, fqn, fqn_regex, op (got 'Linear')",
+        "match.json: rules[0].match.typ: unknown key; accepted keys: type, subclasses, fqn, fqn_regex, op, "
+        "within_type, within_fqn, layers, rank (got 'Linear')",
         id="unknown-match-key",
     ),
     pytest.param(
@@ -47,7 +48,8 @@ BAD_FILES = [
     pytest.param(
         "empty.json",
         {"rules": [{"match": {}, "action": "float"}]},
-        "empty.json: rules[0].match: a match needs at least one of 'type', 'fqn', 'fqn_regex' or 'op' (got {})",
+        "empty.json: rules[0].match: a match needs at least one of 'type', 'fqn', 'fqn_regex', 'op', 'within_type', "
+        "'within_fqn', 'layers', 'rank' (got {})",
         id="empty-match",
     ),
     pytest.param(
