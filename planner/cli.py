@@ -42,6 +42,7 @@ def plan_command(
     out: Optional[Path] = typer.Option(None, "--out", help="Write the report to this file instead of standard output."),
     seq_len: int = typer.Option(128, "--seq-len", min=1, help="Sequence length of the example input, in tokens; it sets the element counts."),
     save_plan: Optional[Path] = typer.Option(None, "--save-plan", help="Also write the plan as JSON to this file (for validate --plan or planner.Plan.load)."),
+    strict: bool = typer.Option(False, "--strict", help="Exit 1 when a rule from your rule files matches no node."),
 ) -> None:
     """Plan a model and print where every QuantStub and DeQuantStub goes, and why."""
     from .models import resolve_model
@@ -52,7 +53,14 @@ def plan_command(
     instance = spec.model("meta")
     _check_seq_len(instance, seq_len)
     with console.status("tracing and planning", spinner="dots") if console.is_terminal else _nothing():
-        result = plan(instance, spec.example_inputs("meta", seq_len, None), rules=rules or "default", objective=objective.value)
+        result = plan(instance, spec.example_inputs("meta", seq_len, None), rules=rules or "default", objective=objective.value,
+                      strict=strict)
+    for origin in result.dead_rules:
+        summary = result.rule_table[origin]
+        error_console.print(f"warning: rule {origin} ({summary.file or 'built in Python'}) matches no node: "
+                            f"{summary.action} {summary.match}", highlight=False, soft_wrap=True)
+    for conflict in result.conflicts[:10]:
+        error_console.print(f"warning: conflict at {conflict}", highlight=False, soft_wrap=True)
     if save_plan is not None:
         result.save(save_plan)
     if out is not None:
@@ -62,6 +70,78 @@ def plan_command(
         console.print(render(result, "text", markup=True), highlight=False, soft_wrap=True)
     else:
         sys.stdout.write(render(result, format.value) + "\n")
+
+
+@app.command("explain")
+def explain_command(
+    model: str = typer.Argument(..., help="Built-in name, a local Hugging Face folder, or package.module:factory."),
+    node: str = typer.Argument(..., help="A module fqn (transformer.h.0.mlp.c_fc) or an op node name (transformer.h.0:add#0)."),
+    rules: Optional[list[str]] = typer.Option(None, "--rules", help="Built-in rule set name or JSON file; repeatable."),
+    objective: Objective = typer.Option(Objective.bytes, help="Cost of a conversion: its element count (bytes) or 1 (count)."),
+    seq_len: int = typer.Option(128, "--seq-len", min=1, help="Sequence length of the example input, in tokens."),
+) -> None:
+    """Explain why one node is int8 or fp32: its candidate rules, neighbours and stubs."""
+    from .explain import explain
+    from .models import resolve_model
+    from .plan import plan
+
+    spec = resolve_model(model)
+    instance = spec.model("meta")
+    _check_seq_len(instance, seq_len)
+    result = plan(instance, spec.example_inputs("meta", seq_len, None), rules=rules or "default", objective=objective.value)
+    console.print(explain(result, node), highlight=False, soft_wrap=True)
+
+
+rules_app = typer.Typer(no_args_is_help=True, help="Check, list, show and describe rule sets.")
+app.add_typer(rules_app, name="rules")
+
+
+@rules_app.command("check")
+def rules_check_command(files: list[Path] = typer.Argument(..., help="Rule files to check, without a model.")) -> None:
+    """Validate rule files (schema, extends, presets); exit 1 when any has a problem."""
+    from .errors import RuleError
+    from .rules import resolve_rules
+
+    failed = 0
+    for file in files:
+        try:
+            resolved = resolve_rules(str(file))
+        except RuleError as exc:
+            failed += 1
+            for line in str(exc).splitlines():
+                console.print(f"FAIL  {line}", highlight=False, soft_wrap=True)
+            continue
+        console.print(f"OK    {file}: {len(resolved.rules)} rules after extends ({resolved.name})", highlight=False)
+    if failed:
+        raise typer.Exit(1)
+
+
+@rules_app.command("list")
+def rules_list_command() -> None:
+    """List the built-in rule sets."""
+    from .rules import builtin_rule_sets, load_rules
+
+    for name in builtin_rule_sets():
+        ruleset = load_rules(name)
+        console.print(f"{name:16} {ruleset.description or ''}", highlight=False, soft_wrap=True)
+
+
+@rules_app.command("show")
+def rules_show_command(name: str = typer.Argument(..., help="Built-in name or JSON file.")) -> None:
+    """Print one rule set as JSON after resolving extends (the rules in the order precedence reads them)."""
+    from .rules import flatten_rules, resolve_rules
+
+    sys.stdout.write(flatten_rules(resolve_rules(name)).to_json() + "\n")
+
+
+@rules_app.command("schema")
+def rules_schema_command() -> None:
+    """Print the JSON Schema of rule files, for editors that complete and check them."""
+    import json
+
+    from .rules import RuleSet
+
+    sys.stdout.write(json.dumps(RuleSet.model_json_schema(), indent=2) + "\n")
 
 
 @app.command("validate")

@@ -24,6 +24,7 @@ __all__ = [
     "load_rules",
     "builtin_rule_sets",
     "resolve_rules",
+    "flatten_rules",
     "ResolvedRules",
     "RuleOrigin",
     "SUBSTITUTION_TARGETS",
@@ -420,6 +421,19 @@ def resolve_rules(rules: str | Path | RuleSet | list[str | Path | RuleSet]) -> R
     )
     _check_presets(resolved)
     return resolved
+
+
+def flatten_rules(resolved: ResolvedRules) -> RuleSet:
+    """Return one `RuleSet` equivalent to ``resolved``, with no ``extends`` (what `resolve_rules` read)."""
+    builtin = set(BUILTIN_PRESETS)
+    return RuleSet(
+        name=resolved.name,
+        default_qconfig=resolved.default_qconfig,
+        presets={k: v for k, v in resolved.presets.items() if k not in builtin or v != BUILTIN_PRESETS[k]},
+        rules=tuple(rule for rule, _ in resolved.rules),
+        fusions=resolved.fusions if resolved.fusions == "torch" else tuple(Fusion(types=t) for t in resolved.fusions),
+        substitutions=resolved.substitutions,
+    )
 
 
 def _expand(item: str | Path | RuleSet, stack: tuple[str, ...], base: Path | None = None) -> list[tuple[RuleSet, str | None]]:
