@@ -46,7 +46,7 @@ class _Model(BaseModel):
 
 
 def _as_tuple(value: Any) -> Any:
-    if isinstance(value, str):
+    if isinstance(value, (str, int)) and not isinstance(value, bool):
         return (value,)
     if isinstance(value, list):
         return tuple(value)
