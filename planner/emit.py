@@ -22,7 +22,7 @@ __all__ = ["emit", "StubWrapper", "SUBSTITUTION_TOLERANCE"]
 
 # Largest max-abs difference accepted between a module and its substitute on a random input. The
 # replacements are exact rewrites (a transposed matmul, the same GELU formula), so they agree to
-# float32 rounding; anything larger means the substitution changes what the model computes.
+# float32 rounding. Anything larger means the substitution changes what the model computes.
 SUBSTITUTION_TOLERANCE = 1e-5
 
 

@@ -23,7 +23,7 @@ _REPLACEMENT_TYPES = {"torch.nn.Linear": "torch.nn.modules.linear.Linear", "torc
 
 @dataclass
 class Decision:
-    """What the rules require of one node, and why."""
+    """Requirement the rules put on one node, with the deciding rule and reason."""
 
     requirement: Requirement
     reason: str

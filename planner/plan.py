@@ -105,7 +105,7 @@ class PlanStats(_Record):
 
 
 class Plan(_Record):
-    """Where every stub goes, what is fused and substituted, and each module's qconfig, keyed by fqn.
+    """Placement of every stub, the fusions, substitutions and each module's qconfig, keyed by fqn.
 
     Plan once (on meta tensors) and apply to any instance of the same architecture with `emit`.
     """
@@ -176,8 +176,8 @@ def plan(
     enough. For models whose ``forward`` takes ``use_cache`` (Hugging Face decoders) ``use_cache=False``
     is passed unless given, because the key/value cache is not part of the quantized data path.
 
-    Rules from your own files or Python objects that match no node are listed in ``Plan.dead_rules``
-    (the built-in sets are written for many architectures, so their unmatched rules are not);
+    Rules from your own files or Python objects that match no node are listed in ``Plan.dead_rules``.
+    The built-in sets are written for many architectures, so their unmatched rules are not listed.
     ``strict=True`` makes a dead rule an error. Rules of equal priority and specificity that disagree
     on a node are listed in ``Plan.conflicts``; the later rule decides.
 

@@ -33,7 +33,7 @@ __all__ = [
 Action = Literal["quantize", "float", "passthrough"]
 Backend = Literal["x86", "fbgemm", "qnnpack", "onednn"]
 
-# Replacement module types the emitter knows how to build, with the source types each accepts
+# Replacement module types the emitter can build, with the source types each accepts
 # ("*" means any module without parameters). A substitution outside this table is rejected at load.
 SUBSTITUTION_TARGETS: dict[str, tuple[str, ...]] = {
     "torch.nn.Linear": ("transformers.pytorch_utils.Conv1D",),
@@ -54,7 +54,7 @@ def _as_tuple(value: Any) -> Any:
 
 
 class Layers(_Model):
-    """Which repeated blocks a rule covers, by the block index in the fqn (``transformer.h.3`` is index 3).
+    """Block selector: the repeated blocks a rule covers, by the index in the fqn (``transformer.h.3`` is 3).
 
     Set exactly one of ``first`` (the first N blocks), ``last`` (the last N), ``range`` (inclusive
     ``[start, end]``) or ``index`` (a list of indices). A node outside any repeated block never matches.
@@ -89,8 +89,8 @@ class Match(_Model):
     """Which graph nodes a rule applies to. Every field that is set must match (AND); a list means OR.
 
     ``type`` matches a module node by its class name, short (``Linear``) or qualified
-    (``torch.nn.modules.linear.Linear``); a substituted module is matched by its replacement type as
-    well, and subclasses only with ``subclasses: true``. ``fqn``/``fqn_regex`` match the module path
+    (``torch.nn.modules.linear.Linear``). A substituted module also matches its replacement type, and
+    subclasses match only with ``subclasses: true``. ``fqn``/``fqn_regex`` match the module path
     (for op nodes, the enclosing module's path). ``op`` matches op nodes by canonical op name
     (``softmax``, ``add``). ``within_type``/``within_fqn`` match any enclosing module. ``layers``
     selects repeated blocks by index, and ``rank`` the rank of the node's output tensor. ``where`` is
@@ -135,8 +135,8 @@ class Match(_Model):
     def specificity(self) -> int:
         """Rank used to order rules of equal priority; see the precedence section of the rules guide.
 
-        An exact ``fqn`` scores 4, a glob or ``fqn_regex`` 2, ``type`` (1 when ``subclasses`` is
-        false, 0 when true), ``op``, ``within_*``, ``layers``, ``rank`` and ``where`` 1 each; the
+        An exact ``fqn`` scores 4 and a glob or ``fqn_regex`` 2. ``type`` scores 1 (0 with
+        ``subclasses``), and ``op``, ``within_*``, ``layers``, ``rank`` and ``where`` 1 each. The
         scores add up.
         """
         score = 0
@@ -171,7 +171,7 @@ class Fusion(_Model):
 
 
 class Substitution(_Model):
-    """Replace modules of type ``source`` by an equivalent ``target`` the eager quantization flow knows."""
+    """Replace modules of type ``source`` by an equivalent ``target`` that eager quantization maps."""
 
     source: str
     target: str
@@ -233,7 +233,7 @@ class RuleSet(_Model):
         """Return the rule set as JSON.
 
         Raises:
-            RuleError: a rule holds a Python ``where=`` predicate, which JSON cannot store.
+            RuleError: a rule contains a Python ``where=`` predicate, which JSON cannot store.
         """
         with_code = [i for i, rule in enumerate(self.rules) if rule.match.where is not None]
         if with_code:
@@ -359,7 +359,7 @@ def _accepted_keys(loc: tuple[Any, ...]) -> str:
 
 @dataclass(frozen=True)
 class RuleOrigin:
-    """Where a rule was written: the rule set's name, its file (``None`` for sets built in Python) and index."""
+    """Rule location: the rule set's name, its file (``None`` for sets built in Python) and index."""
 
     ruleset: str
     file: str | None

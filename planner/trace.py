@@ -79,7 +79,7 @@ def _export(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> 
 
     was_training = model.training
     model.eval()
-    # On a failed guard torch.export prints the partial graph to stderr with print(); it is captured
+    # On a failed guard torch.export prints the partial graph to stderr with print(). It is captured
     # here and dropped, because the TraceError names the module and source line instead.
     captured = io.StringIO()
     # torch also logs the failing op's traceback at ERROR level; the TraceError replaces both.

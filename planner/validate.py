@@ -25,9 +25,9 @@ __all__ = ["Check", "ValidationReport", "validate", "check_plan_static", "check_
 # float32 rounding; 1e-5 absolute leaves room for that and nothing more.
 FP32_TOLERANCE = 1e-5
 # int8 kernels and fake-quant round differently: on a single 64x64 Linear (torch 2.13, x86 engine) 8%
-# of the outputs differ by one quantization step. Over 12 GPT-2 blocks with random weights that grows
-# to 10% of the largest logit, so the limit is 20% of the fake-quant output's largest magnitude; a
-# wrong stub or a broken kernel (quantized ConvTranspose2d on x86) misses it by far more.
+# of the outputs differ by one quantization step. Over 12 GPT-2 blocks with random weights the gap
+# grows to 10% of the largest logit, so the limit is 20% of the fake-quant output's largest magnitude.
+# A wrong stub or a broken kernel (quantized ConvTranspose2d on x86) misses it by far more.
 INT8_RELATIVE_TOLERANCE = 0.2
 
 
