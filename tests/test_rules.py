@@ -88,7 +88,7 @@ def test_unknown_preset_names_file_and_rule(tmp_path):
 def test_missing_rule_set_lists_builtins():
     with pytest.raises(RuleError) as info:
         load_rules("no-such-set")
-    assert str(info.value) == "rule set 'no-such-set' not found: it is neither a built-in set (default) nor a JSON file"
+    assert str(info.value) == "rule set 'no-such-set' not found: it is neither a built-in set (accuracy-first, cnn, default) nor a JSON file"
 
 
 def test_extends_cycle_is_reported(tmp_path):
@@ -104,7 +104,7 @@ def test_extends_missing_set_names_extender(tmp_path):
     with pytest.raises(RuleError) as info:
         resolve_rules(path)
     assert str(info.value) == (
-        f"rule set 'nothere', extended by 'x', not found: it is neither a built-in set (default) nor a file in {tmp_path}"
+        f"rule set 'nothere', extended by 'x', not found: it is neither a built-in set (accuracy-first, cnn, default) nor a file in {tmp_path}"
     )
 
 
