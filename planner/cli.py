@@ -31,6 +31,14 @@ class ReportFormat(str, Enum):
     text = "text"
     json = "json"
     markdown = "markdown"
+    dot = "dot"
+    svg = "svg"
+
+
+class DiffFormat(str, Enum):
+    text = "text"
+    json = "json"
+    markdown = "markdown"
 
 
 @app.command("plan")
@@ -175,6 +183,20 @@ def validate_command(
         raise typer.Exit(1)
 
 
+@app.command("diff")
+def diff_command(
+    plan_a: Path = typer.Argument(..., help="Plan JSON written by plan --save-plan or Plan.save (the before side)."),
+    plan_b: Path = typer.Argument(..., help="Plan JSON to compare with it (the after side)."),
+    format: DiffFormat = typer.Option(DiffFormat.text, "--format", help="Report format."),
+) -> None:
+    """Compare two saved plans: domain changes, stubs and fusions that appeared or went, and the cost change."""
+    from .diff import diff_plans, render_diff
+    from .plan import Plan
+
+    before, after = Plan.load(plan_a), Plan.load(plan_b)
+    sys.stdout.write(render_diff(diff_plans(before, after, labels=(str(plan_a), str(plan_b))), format.value) + "\n")
+
+
 @app.command("qat")
 def qat_command(
     model: str = typer.Argument(..., help="Built-in name, a local Hugging Face folder, or package.module:factory."),
@@ -271,7 +293,7 @@ class _nothing:
 def main() -> None:
     """Run the CLI with one error handler: project errors print one line and exit 1, Ctrl-C exits 130."""
     # torch.ao.quantization warns (deprecation notices, observer notes) at every call site, hundreds of
-    # times for a large model; on the command line each distinct message is shown once.
+    # times for a large model. On the command line each distinct message is shown once.
     _show_each_warning_once()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
