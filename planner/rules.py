@@ -298,8 +298,10 @@ def load_rules(name_or_path: str | Path | RuleSet) -> RuleSet:
         raise RuleError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
     except OSError as exc:
         raise RuleError(f"{path}: cannot read rule file: {exc.strerror}") from None
-    if isinstance(data, dict) and "name" not in data:
-        data = {**data, "name": path.stem}
+    if isinstance(data, dict):
+        # Editors read "$schema" to find the JSON Schema; it is not part of the rule set itself.
+        data = {key: value for key, value in data.items() if key != "$schema"}
+        data.setdefault("name", path.stem)
     try:
         return RuleSet.model_validate(data)
     except ValidationError as exc:

@@ -226,3 +226,8 @@ def test_invalid_regex_rejected_at_load(tmp_path):
         f"{path}: rules[0].match.fqn_regex: invalid regular expression: missing ), unterminated subpattern "
         "at position 12 (got 'transformer.(h')"
     )
+
+
+def test_schema_key_is_accepted(tmp_path):
+    path = write(tmp_path, "edited.json", {"$schema": "rules.schema.json", "rules": [{"match": {"type": "Linear"}, "action": "float"}]})
+    assert load_rules(path).name == "edited"
