@@ -221,13 +221,14 @@ def _collapse(exported: torch.export.ExportedProgram, model: nn.Module) -> nx.Di
 
     # Step 2: float tensors that cross group borders become edges.
     call_outputs = _call_outputs(fx_nodes)
+    leaf_groups = {name for name, data in graph.nodes(data=True) if data["node"].kind == "module"}
     edge_tensors: dict[tuple[str, str], dict[tuple[str, int | None], TensorInfo]] = defaultdict(dict)
     for fx_node in fx_nodes:
         consumer = "output" if fx_node.op == "output" else group_of.get(fx_node)
         if consumer is None:
             continue
         for arg in _flatten_node_args(fx_node):
-            arg = _through_inner_aliases(arg, consumer, group_of, call_outputs)
+            arg = _through_inner_aliases(arg, consumer, group_of, call_outputs, leaf_groups)
             producer = group_of.get(arg)
             if producer is None or producer == consumer:
                 continue
@@ -273,18 +274,21 @@ def _call_outputs(fx_nodes: list[torch.fx.Node]) -> set[torch.fx.Node]:
     return set(last.values())
 
 
-def _through_inner_aliases(arg, consumer: str, group_of: dict, call_outputs: set) -> torch.fx.Node:
+def _through_inner_aliases(arg, consumer: str, group_of: dict, call_outputs: set, leaf_groups: set) -> torch.fx.Node:
     """Follow an aliasing op back to its input when the consumer reads the object that entered a module.
 
     RMSNorm's ``hidden_states.to(torch.float32)`` returns the residual tensor itself, so the residual
     add appears to read the norm's node. An aliasing op that is not the last op of its module call
     did not produce the call's output, so a reader outside that module is reading the op's input.
+    Only ops inside leaf modules are followed: an op node outside them is its own graph node, so a read
+    of it is already attributed to the right place.
     """
     while (
         isinstance(arg, torch.fx.Node)
         and arg.op == "call_function"
         and arg not in call_outputs
         and group_of.get(arg) not in (None, consumer)
+        and group_of.get(arg) in leaf_groups
         and canonical_op_name(arg.target) in _ALIAS_OPS
         and arg.args
         and isinstance(arg.args[0], torch.fx.Node)
