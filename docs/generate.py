@@ -405,7 +405,8 @@ def rules_reference(schema: dict[str, Any]) -> str:
         if cls is None:
             problems.append(f"schema model {name!r} is not a class in planner.rules")
             continue
-        properties = node.get("properties", {})
+        # "$schema" is an editor hint that the page's introduction covers, not a rule-set field.
+        properties = {key: value for key, value in node.get("properties", {}).items() if key != "$schema"}
         required = set(node.get("required", ()))
         examples = EXAMPLES.get(name, {})
         described = descriptions.get(name, {})
@@ -447,6 +448,8 @@ def rules_reference(schema: dict[str, Any]) -> str:
                     kind += "; one string is read as a list of one"
             if field in required:
                 default = "required"
+            elif name == "RuleSet" and field == "name":
+                default = "the file name without `.json`"
             elif "default" in prop:
                 default = f"`{json.dumps(prop['default'])}`"
             else:  # a default factory, which the schema does not show

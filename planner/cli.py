@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import tempfile
@@ -66,9 +67,12 @@ def plan_command(
     for origin in result.dead_rules:
         summary = result.rule_table[origin]
         error_console.print(f"warning: rule {origin} ({summary.file or 'built in Python'}) matches no node: "
-                            f"{summary.action} {summary.match}", highlight=False, soft_wrap=True)
+                            f"{summary.action} {json.dumps(summary.match)}", highlight=False, soft_wrap=True)
     for conflict in result.conflicts[:10]:
         error_console.print(f"warning: conflict at {conflict}", highlight=False, soft_wrap=True)
+    if len(result.conflicts) > 10:
+        error_console.print(f"warning: ... and {len(result.conflicts) - 10} more conflicts; the plan's \"conflicts\" list has them all",
+                            highlight=False, soft_wrap=True)
     if save_plan is not None:
         result.save(save_plan)
     if out is not None:

@@ -23,18 +23,28 @@ def explain(plan: Plan, name: str) -> str:
         hint = f"; did you mean {', '.join(close)}?" if close else "; run `qat-planner plan MODEL --format json` to list node names"
         raise PlanError(f"no node named {name!r} in the plan of {plan.model}{hint}")
 
-    what = node.type if node.kind == "module" else f"op {node.op}"
-    lines = [f"{name}: {node.kind} {what}", f"  domain: {node.domain} (rules require {node.requirement})"]
+    what = f"module {node.type}" if node.kind == "module" else f"op {node.op}"
+    lines = [f"{name}: {what}", f"  domain: {node.domain} (rules require {node.requirement})"]
+    if node.requirement == "any":
+        lines.append(f"  why {node.domain}: {_passthrough_reason(plan, name)}")
+    if name in plan.qconfigs:
+        lines.append(f"  qconfig: {plan.qconfigs[name]}")
     if node.calls > 1:
         lines.append(f"  called {node.calls} times; all calls share one domain and one set of stubs")
 
     lines.append("  candidate rules, in precedence order (priority, then specificity, then the later rule):")
     candidates = ([node.rule] if node.rule else []) + node.overridden
-    if not candidates:
+    if node.reason.startswith("fused into"):
+        # A fused member follows its chain's head; the head's rule is recorded as the deciding rule.
+        lines.append(f"    WON  fusion: {node.reason}, decided by the head's rule {node.rule}")
+        candidates = node.overridden
+        verdicts = ["lost"] * len(candidates)
+    else:
+        verdicts = ["WON "] + ["lost"] * (len(candidates) - 1)
+    if not candidates and not node.reason.startswith("fused into"):
         lines.append("    none: no rule matches this node, so it stays fp32")
-    for rank, origin in enumerate(candidates):
+    for origin, verdict in zip(candidates, verdicts):
         summary = plan.rule_table.get(origin)
-        verdict = "WON " if rank == 0 else "lost"
         if summary is None:
             lines.append(f"    {verdict} {origin}")
             continue
@@ -75,3 +85,27 @@ def explain(plan: Plan, name: str) -> str:
     if substituted:
         lines.append(f"  substituted: {substituted.source} -> {substituted.target}")
     return "\n".join(lines)
+
+
+def _passthrough_reason(plan: Plan, name: str) -> str:
+    """Explain the domain of a passthrough node: the nearest rule-fixed node it must agree with."""
+    domain = plan.nodes[name].domain
+    for direction, verb in (("output", "leads to"), ("input", "comes from")):
+        seen, queue = {name}, [name]
+        while queue:
+            current = queue.pop(0)
+            neighbours = ([e.target for e in plan.edges if e.source == current] if direction == "output"
+                          else [e.source for e in plan.edges if e.target == current])
+            for other in neighbours:
+                node = plan.nodes[other]
+                if other in seen or node.domain != domain:
+                    continue
+                if node.requirement != "any":
+                    fixed = f"it {verb} {other}, which is {domain} by {node.rule or node.reason}"
+                    if plan.nodes[name].kind == "op":
+                        return f"{fixed}; an op has no module boundary where a stub could go, so it shares that domain"
+                    return (f"{fixed}; converting on this module's other side instead would cost at least as much "
+                            "(on a tie the plan keeps more nodes fp32)")
+                seen.add(other)
+                queue.append(other)
+    return f"either domain costs the same here, and ties go to fp32" if domain == "fp32" else "int8 is cheaper here"

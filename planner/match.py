@@ -10,7 +10,7 @@ from typing import Literal
 from torch.ao.quantization.fuser_method_mappings import _DEFAULT_OP_LIST_TO_FUSER_METHOD
 from torch.ao.quantization.quantization_mappings import get_default_static_quant_module_mappings
 
-from .errors import PlanError
+from .errors import PlanError, RuleError
 from .graph import Node, OpGraph
 from .rules import ResolvedRules, Rule, RuleOrigin, Substitution
 
@@ -18,6 +18,16 @@ Requirement = Literal["int8", "fp32", "any"]
 
 _EMBEDDING_TYPES = {"torch.nn.modules.sparse.Embedding", "torch.nn.modules.sparse.EmbeddingBag"}
 _TRANSPOSED_CONV_TYPES = {f"torch.nn.modules.conv.ConvTranspose{n}d" for n in (1, 2, 3)}
+# Modules whose float forward also runs on quint8 tensors (torch 2.13 has quantized kernels for these
+# ops), so a rule may place them in int8 without a module swap or qconfig.
+RUNS_ON_INT8 = {
+    f"torch.nn.modules.{path}" for path in (
+        "activation.GELU", "activation.ReLU", "activation.ReLU6", "activation.Hardtanh", "dropout.Dropout",
+        "linear.Identity", "flatten.Flatten", "pooling.MaxPool1d", "pooling.MaxPool2d", "pooling.MaxPool3d",
+        "pooling.AdaptiveAvgPool1d", "pooling.AdaptiveAvgPool2d", "pooling.AdaptiveAvgPool3d",
+        "pooling.AvgPool1d", "pooling.AvgPool2d", "pooling.AvgPool3d",
+    )
+}
 _REPLACEMENT_TYPES = {"torch.nn.Linear": "torch.nn.modules.linear.Linear", "torch.nn.GELU": "torch.nn.modules.activation.GELU"}
 
 
@@ -108,8 +118,13 @@ def _rule_matches(rule: Rule, node: Node, type_names: set[str], mro_names: set[s
             return False
     if match.rank is not None and node.rank not in match.rank:
         return False
-    if match.where is not None and not match.where(node):
-        return False
+    if match.where is not None:
+        try:
+            selected = match.where(node)
+        except Exception as exc:  # user code: name the rule and node, keep the cause
+            raise RuleError(f"the where= predicate of a rule failed on node {node.name!r}: {type(exc).__name__}: {exc}") from exc
+        if not selected:
+            return False
     return True
 
 
@@ -197,6 +212,8 @@ def _decide_node(node, candidates, rules, substitution, effective, int8_types) -
         if node.kind == "op":
             decision.requirement = "fp32"
             decision.note = f"op {node.op!r} outside a module cannot be quantized in eager mode; kept fp32"
+        elif effective in RUNS_ON_INT8:
+            pass  # no module swap: the module runs on quint8 tensors as it is, so it needs no qconfig
         elif effective not in int8_types:
             decision.requirement = "fp32"
             decision.note = f"{node.type_name} has no eager int8 module mapping; kept fp32"
@@ -207,7 +224,8 @@ def _decide_node(node, candidates, rules, substitution, effective, int8_types) -
                 raise PlanError(
                     f"{origin}: module {node.fqn!r} ({node.type_name}) cannot use qconfig {decision.qconfig!r}: "
                     "quantized transposed convolutions support only per-tensor weights; give this rule "
-                    "\"qconfig\": \"x86_per_tensor\" (or another per-tensor preset)"
+                    "\"qconfig\": \"x86_per_tensor\" (or another per-tensor preset), or keep the module fp32, because "
+                    "torch 2.13's x86 int8 kernel for it differs from its fake-quant simulation (check with qat-planner validate)"
                 )
     elif rule.action == "float" and rule.qconfig:
         if not is_embedding or preset is None or preset.scheme != "float_qparams_weight_only":

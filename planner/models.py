@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib
 import logging
 import sys
@@ -121,7 +122,7 @@ def _resolve_folder(path: Path) -> ModelSpec:
     def build(device, vocab_size=None):
         if has_weights and str(device) != "meta":
             return model_class.from_pretrained(path).to(device)
-        local = config.__class__.from_dict(config.to_dict())
+        local = copy.deepcopy(config)  # from_dict(to_dict()) would drop attn_implementation
         if vocab_size is not None:
             local.vocab_size = vocab_size
         with torch.device(device):

@@ -527,14 +527,15 @@ class _Picture:
 
 
 def _picture(plan: Plan, limit: int | None = PICTURE_LIMIT) -> _Picture:
-    """Lay out the data path of the first block of the first group of identical blocks.
+    """Lay out the data path of the first block of the largest group of identical blocks (the usual plan).
 
     A model without repeated blocks is drawn whole, unless it has more than ``limit`` nodes. Ops that
     only pick or alias a tensor (getitem, alias, to) are left out and their edges joined through.
     """
     _, blocks, _ = _blocks(plan)
     if blocks:
-        group = _fold(plan, blocks)[0]
+        groups = _fold(plan, blocks)
+        group = max(groups, key=len)  # max keeps the first of equally large groups
         block = group[0]
         names, strip = block.names, block.label + "."
         title = block.label + (f" (blocks {_group_label(group)} have the same plan)" if len(group) > 1 else "")

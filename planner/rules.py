@@ -229,6 +229,26 @@ class RuleSet(_Model):
 
     _normalize = field_validator("extends", mode="before")(_as_tuple)
 
+    @classmethod
+    def model_json_schema(cls, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """Return the JSON Schema of rule files: what `load_rules` accepts, not only what it stores.
+
+        List fields also take a single value, ``name`` may be left out (the file name is used), and
+        ``$schema`` is allowed so editors can find the schema.
+        """
+        schema = super().model_json_schema(*args, **kwargs)
+        for definition in [schema, *schema.get("$defs", {}).values()]:
+            for name in _LIST_FIELDS:
+                field = definition.get("properties", {}).get(name)
+                if field is not None:
+                    _accept_single_value(field)
+        schema["properties"] = {"$schema": {"type": "string", "description": "Path or URL of this JSON Schema."},
+                                **schema["properties"]}
+        schema["required"] = [name for name in schema.get("required", []) if name != "name"]
+        if not schema["required"]:
+            del schema["required"]
+        return schema
+
     def to_json(self, indent: int = 2) -> str:
         """Return the rule set as JSON.
 
@@ -246,6 +266,25 @@ class RuleSet(_Model):
     def save(self, path: str | Path) -> None:
         """Write the rule set to a JSON file that `load_rules` reads back; raises like `to_json`."""
         Path(path).write_text(self.to_json() + "\n", encoding="utf-8")
+
+
+# Fields that `_as_tuple` widens from one value to a list, so the schema accepts both spellings.
+_LIST_FIELDS = ("type", "fqn", "op", "within_type", "within_fqn", "rank", "extends")
+
+
+def _accept_single_value(field: dict[str, Any]) -> None:
+    """Let a schema property that holds an array also hold one item of that array."""
+    options = field.get("anyOf", [field])
+    arrays = [option for option in options if option.get("type") == "array" and "items" in option]
+    if not arrays:
+        return
+    single = arrays[0]["items"]
+    if "anyOf" in field:
+        field["anyOf"].append(single)
+    else:
+        items = {key: value for key, value in field.items() if key not in ("title", "description", "default")}
+        field.clear()
+        field.update({"anyOf": [items, single]})
 
 
 BUILTIN_PRESETS: dict[str, QConfigPreset] = {
@@ -457,6 +496,7 @@ def _expand(item: str | Path | RuleSet, stack: tuple[str, ...], base: Path | Non
 def _locate(name: str | Path, base: Path | None, stack: tuple[str, ...]) -> str | Path:
     """Find a set named in ``extends``: a built-in name, a path, or a path relative to the extending file."""
     text = str(name)
+    base = base.resolve() if base is not None else None
     if text in builtin_rule_sets() or Path(text).is_file() or base is None:
         return name
     for candidate in (base / text, base / f"{text}.json"):
@@ -469,7 +509,7 @@ def _locate(name: str | Path, base: Path | None, stack: tuple[str, ...]) -> str 
 
 
 def _rule_file(name_or_path: str | Path) -> Path:
-    return builtin_rule_sets().get(str(name_or_path), Path(name_or_path))
+    return builtin_rule_sets().get(str(name_or_path), Path(name_or_path).resolve())
 
 
 def _check_presets(resolved: ResolvedRules) -> None:

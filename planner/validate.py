@@ -133,7 +133,13 @@ def check_plan_static(graph: OpGraph, plan: Plan) -> list[Check]:
         return _flip(domain[name]) if (name, "input") in boundaries else domain[name]
 
     requirements = Check("every node runs in the domain its rule requires")
+    actions = {"quantize": "int8", "float": "fp32", "passthrough": "any"}
     for name, node in plan.nodes.items():
+        summary = plan.rule_table.get(node.rule) if node.rule else None
+        stated = actions.get(summary.action) if summary else None
+        overruled = node.note is not None or node.reason.startswith("fused into")
+        if stated is not None and not overruled and stated != node.requirement and not (stated == "int8" and node.requirement == "any"):
+            requirements.fail(name, f"records requirement {node.requirement}, but its rule {node.rule} says {summary.action}")
         if node.requirement != "any" and node.domain != node.requirement:
             requirements.fail(name, f"required {node.requirement} by {node.rule or 'default'} but planned {node.domain}")
         if node.kind in ("input", "output", "constant") and node.domain != "fp32":
@@ -142,7 +148,7 @@ def check_plan_static(graph: OpGraph, plan: Plan) -> list[Check]:
     dataflow = Check("every tensor arrives in the domain its consumer runs in")
     for producer, consumer in graph.graph.edges:
         if out_domain(producer) != arriving_domain(consumer):
-            dataflow.fail(consumer, f"receives a {out_domain(producer)} tensor from {producer} but expects {arriving_domain(consumer)} "
+            dataflow.fail(consumer, f"receives an {out_domain(producer)} tensor from {producer} but expects {arriving_domain(consumer)} "
                                     f"{'before its input stub' if (consumer, 'input') in boundaries else ''}".rstrip())
 
     stubs = Check("every stub converts to the other domain and sits on a float tensor of a module")
@@ -174,7 +180,11 @@ def check_plan_static(graph: OpGraph, plan: Plan) -> list[Check]:
             cost += node.input_elements if boundary.position == "input" else node.output_elements
 
     minimal.detail = f"plan cost {cost}, optimum {optimum.cost} ({plan.objective})"
-    if cost > optimum.cost:
+    if cost < optimum.cost:
+        # Cheaper than the optimum is only possible for a plan that breaks a requirement.
+        minimal.status = "skipped"
+        minimal.detail += "; the plan is cheaper than any valid plan, so it misses a conversion (see the failed checks)"
+    elif cost > optimum.cost:
         extra = sorted({(c.module, c.position) for c in optimum.conversions} ^ {(b.module, b.position) for b in plan.boundaries})
         for module, position in extra[:10]:
             minimal.fail(module, f"stub at the {position} differs from the cheapest plan")

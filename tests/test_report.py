@@ -267,10 +267,13 @@ def test_uniform_blocks_get_no_difference_note(gpt2_tiny):
     assert "differs from" not in render(gpt2_tiny, "markdown")
 
 
-def test_picture_draws_differing_first_block(gpt2_tiny_keep_first):
-    lines = mermaid_lines(render(gpt2_tiny_keep_first, "markdown"))
-    assert not any("-->|" in line for line in lines)
-    assert not any(line.strip().endswith(" int8") and line.strip().startswith("class ") for line in lines)
+def test_picture_draws_the_usual_block(gpt2_tiny_keep_first):
+    # h.0 is kept fp32 and h.1-h.3 share the usual plan, so the picture shows h.1, with its stubs.
+    markdown = render(gpt2_tiny_keep_first, "markdown")
+    lines = mermaid_lines(markdown)
+    assert any("-->|Q|" in line for line in lines)
+    assert any(line.strip().startswith("class ") and line.strip().endswith(" int8") for line in lines)
+    assert "transformer.h.1 (blocks h.1–h.3 have the same plan)" in markdown
 
 
 def test_middle_block_differs_and_later_block_repeats():

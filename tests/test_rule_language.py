@@ -177,7 +177,7 @@ def test_strict_plan_exits_1_naming_rule_and_file(tmp_path):
     )
     relaxed = run_cli("plan", "gpt2-tiny", "--rules", str(path), "--format", "json")
     assert relaxed.returncode == 0
-    assert f"warning: rule typo:rules[0] ({path}) matches no node: float {{'type': ['LayerNrom']}}" in relaxed.stderr
+    assert f'warning: rule typo:rules[0] ({path}) matches no node: float {{"type": ["LayerNrom"]}}' in relaxed.stderr
 
 
 def test_conflict_is_reported(gpt2_tiny):
@@ -312,3 +312,58 @@ def test_precedence_matches_reference_and_ignores_order(tiny_graph, ruleset, rng
     second = planner.plan(model, inputs, rules=RuleSet(name="a", extends=("default",), rules=tuple(shuffled)))
     assert {n: d.domain for n, d in first.nodes.items()} == {n: d.domain for n, d in second.nodes.items()}
     assert first.boundaries == second.boundaries
+
+
+def test_schema_accepts_what_loader_accepts(tmp_path):
+    schema = RuleSet.model_json_schema()
+    document = {"$schema": "rules.schema.json", "extends": "default",
+                "rules": [{"match": {"type": "Linear", "fqn": "lm_head", "rank": 3}, "action": "float"}]}
+    jsonschema.validate(document, schema)
+    path = tmp_path / "single.json"
+    path.write_text(json.dumps(document))
+    loaded = load_rules(str(path))
+    assert loaded.name == "single"
+    assert loaded.rules[0].match.type == ("Linear",)
+
+
+def test_quantize_rule_on_gelu_keeps_it_int8():
+    model = nn.Sequential(nn.Linear(4, 4), nn.GELU(), nn.Linear(4, 4))
+    rules = RuleSet(name="py", extends=("default",), rules=(Rule(match=Match(type="GELU"), action="quantize"),))
+    plan = planner.plan(model, (torch.randn(2, 4),), rules=rules)
+    assert plan.nodes["1"].domain == "int8"
+    assert plan.notes == []
+    assert "1" not in plan.qconfigs
+    assert plan.stats.conversions == 2
+
+
+def test_explain_gives_passthrough_and_fusion_reasons(gpt2_tiny):
+    plan = planner.plan(*gpt2_tiny)
+    text = explain(plan, "transformer.h.0.attn:split#0")
+    assert ("  why fp32: it leads to transformer.h.0.attn:scaled_dot_product_attention#0, which is fp32 by "
+            "default:rules[3]; an op has no module boundary where a stub could go, so it shares that domain") in text
+    fused = planner.plan(nn.Sequential(nn.Linear(4, 4), nn.ReLU()), (torch.randn(2, 4),))
+    text = explain(fused, "1")
+    assert "    WON  fusion: fused into 0 (Linear + ReLU), decided by the head's rule default:rules[0]" in text
+    assert "    lost default:rules[6]: passthrough" in text
+
+
+def test_where_predicate_failure_names_node():
+    rules = RuleSet(name="py", extends=("default",), rules=(
+        Rule(match=Match(type="Linear", where=lambda node: node.missing_attribute), action="float"),))
+    with pytest.raises(RuleError, match="the where= predicate of a rule failed on node 'b': AttributeError"):
+        planner.plan(Sub(), (torch.randn(2, 4),), rules=rules)
+
+
+def test_folder_keeps_attention_implementation(tmp_path):
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    BertModel(config).save_pretrained(tmp_path / "bert")
+    # transformers 5 does not write attn_implementation itself, but honours it when a user adds it.
+    saved = json.loads((tmp_path / "bert" / "config.json").read_text())
+    (tmp_path / "bert" / "config.json").write_text(json.dumps({**saved, "attn_implementation": "eager"}))
+    spec = resolve_model(str(tmp_path / "bert"))
+    plan = planner.plan(spec.model("meta"), spec.example_inputs("meta", 8, None))
+    ops = {node.op for node in plan.nodes.values() if node.kind == "op"}
+    assert "softmax" in ops
+    assert "scaled_dot_product_attention" not in ops
