@@ -11,7 +11,8 @@ from pydantic import BaseModel, ConfigDict
 
 from .plan import Boundary, Plan
 
-__all__ = ["diff_plans", "render_diff", "PlanDiff", "DIFF_FORMATS"]
+__all__ = [
+    "QConfigChange","diff_plans", "render_diff", "PlanDiff", "DIFF_FORMATS"]
 
 DiffFormat = Literal["text", "json", "markdown"]
 DIFF_FORMATS: tuple[str, ...] = ("text", "json", "markdown")
@@ -63,6 +64,14 @@ class BoundaryChange(_Record):
     qconfig_after: str
 
 
+class QConfigChange(_Record):
+    """A module whose qconfig preset differs between the plans (``None`` where it has none)."""
+
+    module: str
+    before: str | None
+    after: str | None
+
+
 class FusionRecord(_Record):
     modules: list[str]
     types: list[str]
@@ -87,6 +96,7 @@ class PlanDiff(_Record):
     boundaries_changed: list[BoundaryChange]
     fusions_added: list[FusionRecord]
     fusions_removed: list[FusionRecord]
+    qconfig_changes: list[QConfigChange] = []
     nodes_only_before: list[str]
     nodes_only_after: list[str]
     totals: dict[str, Change]  # cost, conversions, converted_elements
@@ -96,7 +106,7 @@ class PlanDiff(_Record):
     def identical(self) -> bool:
         """True when no node, stub, fusion or total differs."""
         return not (self.domain_changes or self.boundaries_added or self.boundaries_removed or self.boundaries_changed
-                    or self.fusions_added or self.fusions_removed or self.nodes_only_before or self.nodes_only_after
+                    or self.qconfig_changes or self.fusions_added or self.fusions_removed or self.nodes_only_before or self.nodes_only_after
                     or any(c.difference for c in self.totals.values()))
 
 
@@ -144,6 +154,12 @@ def diff_plans(before: Plan, after: Plan, *, labels: tuple[str, str] = ("before"
     fusions_removed = [FusionRecord(modules=list(m), types=list(t)) for m, t in old_fusions if (m, t) not in new_fusions]
     fusions_added = [FusionRecord(modules=list(m), types=list(t)) for m, t in new_fusions if (m, t) not in old_fusions]
 
+    qconfig_changes = [
+        QConfigChange(module=name, before=before.qconfigs.get(name), after=after.qconfigs.get(name))
+        for name in dict.fromkeys([*before.qconfigs, *after.qconfigs])
+        if name in before.nodes and name in after.nodes and before.qconfigs.get(name) != after.qconfigs.get(name)
+    ]
+
     totals = {
         field: Change(before=getattr(before.stats, field), after=getattr(after.stats, field),
                       difference=getattr(after.stats, field) - getattr(before.stats, field))
@@ -160,7 +176,7 @@ def diff_plans(before: Plan, after: Plan, *, labels: tuple[str, str] = ("before"
     return PlanDiff(
         before=_side(before, labels[0]), after=_side(after, labels[1]),
         domain_changes=domain_changes, boundaries_added=added, boundaries_removed=removed, boundaries_changed=changed,
-        fusions_added=fusions_added, fusions_removed=fusions_removed,
+        fusions_added=fusions_added, fusions_removed=fusions_removed, qconfig_changes=qconfig_changes,
         nodes_only_before=[n for n in before.nodes if n not in after.nodes],
         nodes_only_after=[n for n in after.nodes if n not in before.nodes],
         totals=totals, notes=notes,
@@ -231,6 +247,8 @@ def _text(diff: PlanDiff) -> list[str]:
                                   f"elements, qconfig {b.qconfig_before} → {b.qconfig_after}" for b in diff.boundaries_changed])
     section("Fusions gone", [f"{' + '.join(f.types)}: {', '.join(f.modules)}" for f in diff.fusions_removed])
     section("Fusions added", [f"{' + '.join(f.types)}: {', '.join(f.modules)}" for f in diff.fusions_added])
+    if diff.qconfig_changes:
+        section("qconfig changes", [f"{c.module}: {c.before or 'none'} → {c.after or 'none'}" for c in diff.qconfig_changes])
     if diff.nodes_only_before or diff.nodes_only_after:
         section(f"Nodes only in {diff.before.label}", diff.nodes_only_before)
         section(f"Nodes only in {diff.after.label}", diff.nodes_only_after)

@@ -388,10 +388,20 @@ def _text_lines(plan: Plan) -> list[str]:
         lines.append("  none")
 
     lines += ["", "[bold]Kept fp32 by rule[/]"]
-    for key, count, reason in _fp32_summary(plan):
+    summary = _fp32_summary(plan)
+    for key, count, reason in summary:
         lines.append(f"  {count} × {escape(key)}: {escape(reason)}")
+    if not summary:
+        lines.append("  nothing")
+    if plan.notes or plan.conflicts or plan.dead_rules:
+        lines += ["", "[bold]Notes[/]"]
     for note in plan.notes:
-        lines.append(f"  note: {escape(note)}")
+        lines.append(f"  {escape(note)}")
+    for origin in plan.dead_rules:
+        lines.append(f"  rule {escape(origin)} matches no node")
+    if plan.conflicts:
+        lines.append(f"  {len(plan.conflicts)} conflicts between rules of equal priority and specificity; the first: "
+                     f"{escape(plan.conflicts[0])}")
 
     stats = plan.stats
     lines += [
@@ -468,10 +478,16 @@ def _markdown(plan: Plan) -> str:
     out += ["", "## Substitutions", ""]
     out += [f"- {count} × `{source}` → `{target}`" for source, target, count in _substitution_summary(plan)] or ["- none"]
 
-    out += ["", "## Kept fp32 by rule", "", "| what | count | why |", "|---|---|---|"]
-    out += [f"| {key} | {count} | {reason} |" for key, count, reason in _fp32_summary(plan)]
-    if plan.notes:
-        out += ["", "Notes:", ""] + [f"- {note}" for note in plan.notes]
+    out += ["", "## Kept fp32 by rule", ""]
+    summary = _fp32_summary(plan)
+    if summary:
+        out += ["| what | count | why |", "|---|---|---|"]
+        out += [f"| {key} | {count} | {reason} |" for key, count, reason in summary]
+    else:
+        out.append("Nothing.")
+    notes = plan.notes + [f"rule {origin} matches no node" for origin in plan.dead_rules] + plan.conflicts
+    if notes:
+        out += ["", "## Notes", ""] + [f"- {note}" for note in notes]
 
     stats = plan.stats
     out += [

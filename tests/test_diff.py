@@ -175,3 +175,17 @@ def test_cli_diff_invalid_file(plan_files, tmp_path):
                                capture_output=True, text=True, env=env, timeout=300)
     assert completed.returncode == 1
     assert completed.stderr.strip() == f"error: {broken}: invalid JSON at line 1, column 2: Expecting property name enclosed in double quotes"
+
+
+def test_diff_reports_qconfig_change():
+    import torch
+    from torch import nn
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
+    per_tensor = planner.RuleSet(name="pt", extends=("default",), rules=(
+        planner.Rule(match=planner.Match(fqn="2"), action="quantize", qconfig="x86_per_tensor"),))
+    before = planner.plan(model, (torch.randn(2, 4),))
+    after = planner.plan(model, (torch.randn(2, 4),), rules=per_tensor)
+    difference = diff_plans(before, after)
+    assert [(c.module, c.before, c.after) for c in difference.qconfig_changes] == [("2", "x86", "x86_per_tensor")]
+    assert "  2: x86 → x86_per_tensor" in render_diff(difference, "text").splitlines()
