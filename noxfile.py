@@ -32,7 +32,8 @@ def lint(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """Run the benchmark scripts; each prints ratios measured in one process."""
     install(session)
-    session.run("python", "benchmarks/planning.py", *session.posargs)
+    session.run("python", "benchmarks/planning.py")
+    session.run("python", "benchmarks/runtime.py")
 
 
 @nox.session
