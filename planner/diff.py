@@ -42,16 +42,6 @@ class DomainChange(_Record):
     rule_after: str | None
 
 
-class BoundaryRecord(_Record):
-    """A stub present in only one of the two plans."""
-
-    kind: Literal["quantize", "dequantize"]
-    module: str
-    position: Literal["input", "output"]
-    elements: int
-    qconfig: str
-
-
 class BoundaryChange(_Record):
     """A stub at the same module and position in both plans whose element count or qconfig differs."""
 
@@ -91,8 +81,8 @@ class PlanDiff(_Record):
     before: PlanSide
     after: PlanSide
     domain_changes: list[DomainChange]
-    boundaries_added: list[BoundaryRecord]
-    boundaries_removed: list[BoundaryRecord]
+    boundaries_added: list[Boundary]
+    boundaries_removed: list[Boundary]
     boundaries_changed: list[BoundaryChange]
     fusions_added: list[FusionRecord]
     fusions_removed: list[FusionRecord]
@@ -140,8 +130,8 @@ def diff_plans(before: Plan, after: Plan, *, labels: tuple[str, str] = ("before"
 
     old = {key(b): b for b in before.boundaries}
     new = {key(b): b for b in after.boundaries}
-    removed = [_record(b) for k, b in old.items() if k not in new]
-    added = [_record(b) for k, b in new.items() if k not in old]
+    removed = [b.model_copy() for k, b in old.items() if k not in new]
+    added = [b.model_copy() for k, b in new.items() if k not in old]
     changed = [
         BoundaryChange(kind=b.kind, module=b.module, position=b.position, elements_before=b.elements,
                        elements_after=new[k].elements, qconfig_before=b.qconfig, qconfig_after=new[k].qconfig)
@@ -185,10 +175,6 @@ def diff_plans(before: Plan, after: Plan, *, labels: tuple[str, str] = ("before"
 
 def _side(plan: Plan, label: str) -> PlanSide:
     return PlanSide(label=label, model=plan.model, rules=plan.rules, objective=plan.objective)
-
-
-def _record(b: Boundary) -> BoundaryRecord:
-    return BoundaryRecord(kind=b.kind, module=b.module, position=b.position, elements=b.elements, qconfig=b.qconfig)
 
 
 _TOTAL_NAMES = {"cost": "cut cost", "conversions": "conversions", "converted_elements": "converted elements"}

@@ -7,6 +7,7 @@ import json
 
 from .errors import PlanError
 from .plan import Plan
+from .report import _fixed_neighbour
 
 __all__ = ["explain"]
 
@@ -90,22 +91,14 @@ def explain(plan: Plan, name: str) -> str:
 def _passthrough_reason(plan: Plan, name: str) -> str:
     """Explain the domain of a passthrough node: the nearest rule-fixed node it must agree with."""
     domain = plan.nodes[name].domain
-    for direction, verb in (("output", "leads to"), ("input", "comes from")):
-        seen, queue = {name}, [name]
-        while queue:
-            current = queue.pop(0)
-            neighbours = ([e.target for e in plan.edges if e.source == current] if direction == "output"
-                          else [e.source for e in plan.edges if e.target == current])
-            for other in neighbours:
-                node = plan.nodes[other]
-                if other in seen or node.domain != domain:
-                    continue
-                if node.requirement != "any":
-                    fixed = f"it {verb} {other}, which is {domain} by {node.rule or node.reason}"
-                    if plan.nodes[name].kind == "op":
-                        return f"{fixed}; an op has no module boundary where a stub could go, so it shares that domain"
-                    return (f"{fixed}; converting on this module's other side instead would cost at least as much "
-                            "(on a tie the plan keeps more nodes fp32)")
-                seen.add(other)
-                queue.append(other)
-    return f"either domain costs the same here, and ties go to fp32" if domain == "fp32" else "int8 is cheaper here"
+    for position, verb in (("output", "leads to"), ("input", "comes from")):
+        fixed = _fixed_neighbour(plan, name, position)
+        if fixed is None or fixed == name:
+            continue
+        node = plan.nodes[fixed]
+        reason = f"it {verb} {fixed}, which is {domain} by {node.rule or node.reason}"
+        if plan.nodes[name].kind == "op":
+            return f"{reason}; an op has no module boundary where a stub could go, so it shares that domain"
+        return (f"{reason}; converting on this module's other side instead would cost at least as much "
+                "(on a tie the plan keeps more nodes fp32)")
+    return "either domain costs the same here, and ties go to fp32" if domain == "fp32" else "int8 is cheaper here"

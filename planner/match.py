@@ -304,4 +304,4 @@ def _follow_chain(graph, node, pattern, decisions, fused) -> tuple[str, ...] | N
 
 
 def _specific_rule(decision: Decision) -> bool:
-    return decision.reason is not None and decision.rule is not None and decision.rule_specificity > 1
+    return decision.rule_specificity > 1

@@ -175,7 +175,7 @@ def _resolve_factory(spec: str) -> ModelSpec:
         raise ModelSpecError(f"{spec!r} is not callable; a factory takes no arguments and returns a model")
     try:
         produced = factory()
-    except Exception as exc:  # the user's code failed; say where, keep the cause chained
+    except Exception as exc:  # user code failed: name the factory and chain the cause
         raise ModelSpecError(f"factory {spec!r} raised {type(exc).__name__}: {exc}") from exc
     model, inputs = produced if isinstance(produced, tuple) and len(produced) == 2 else (produced, None)
     if not isinstance(model, nn.Module):

@@ -228,13 +228,17 @@ def _split_inputs(model, example_inputs, example_kwargs):
         args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
         kwargs = {}
     kwargs.update(example_kwargs or {})
-    try:
-        parameters = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        parameters = {}
-    if "use_cache" in parameters and "use_cache" not in kwargs:
+    if takes_keyword(model, "use_cache") and "use_cache" not in kwargs:
         kwargs["use_cache"] = False
     return args, kwargs
+
+
+def takes_keyword(model: nn.Module, name: str) -> bool:
+    """Return whether ``model.forward`` has a parameter called ``name``."""
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _input_shapes(args, kwargs) -> dict[str, list[int]]:

@@ -19,7 +19,7 @@ from torch import nn
 from .emit import emit
 from .errors import PlannerError
 from .models import ModelSpec
-from .plan import Plan, plan
+from .plan import Plan, plan, takes_keyword
 
 logger = logging.getLogger(__name__)
 
@@ -90,17 +90,8 @@ def _batches(data: torch.Tensor, seq_len: int, batch_size: int, generator: torch
 
 
 def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    output = model(input_ids=ids, use_cache=False) if _takes_use_cache(model) else model(ids)
+    output = model(input_ids=ids, use_cache=False) if takes_keyword(model, "use_cache") else model(ids)
     return output.logits if hasattr(output, "logits") else output
-
-
-def _takes_use_cache(model: nn.Module) -> bool:
-    import inspect
-
-    try:
-        return "use_cache" in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 def _loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:

@@ -86,7 +86,7 @@ class Layers(_Model):
 
 
 class Match(_Model):
-    """Which graph nodes a rule applies to. Every field that is set must match (AND); a list means OR.
+    """Node selector of a rule. Every field that is set must match (AND), and a list means OR.
 
     ``type`` matches a module node by its class name, short (``Linear``) or qualified
     (``torch.nn.modules.linear.Linear``). A substituted module also matches its replacement type, and
@@ -273,7 +273,7 @@ _LIST_FIELDS = ("type", "fqn", "op", "within_type", "within_fqn", "rank", "exten
 
 
 def _accept_single_value(field: dict[str, Any]) -> None:
-    """Let a schema property that holds an array also hold one item of that array."""
+    """Widen a schema property that accepts an array so it also accepts one item of that array."""
     options = field.get("anyOf", [field])
     arrays = [option for option in options if option.get("type") == "array" and "items" in option]
     if not arrays:

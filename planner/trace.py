@@ -253,8 +253,10 @@ def _collapse(exported: torch.export.ExportedProgram, model: nn.Module) -> nx.Di
         if outputs:
             node.output_shape = next(iter(outputs.values())).shape
     graph.remove_nodes_from([n for n in list(graph) if graph.degree(n) == 0 and n != "output"])
-    for fqn in {data["node"].fqn for _, data in graph.nodes(data=True) if data["node"].kind == "module"}:
-        graph.nodes[fqn]["node"].calls = _count_calls(fqn, stacks, exported)
+    calls = _count_calls(stacks)
+    for _, data in graph.nodes(data=True):
+        if data["node"].kind == "module":
+            data["node"].calls = max(1, calls.get(data["node"].fqn, 0))
     return graph
 
 
@@ -298,13 +300,13 @@ def _through_inner_aliases(arg, consumer: str, group_of: dict, call_outputs: set
     return arg
 
 
-def _count_calls(fqn: str, stacks: dict[torch.fx.Node, list[str]], exported: torch.export.ExportedProgram) -> int:
-    """Count distinct calls of a leaf module from the per-call keys of ``nn_module_stack``."""
-    keys = set()
+def _count_calls(stacks: dict[torch.fx.Node, list[str]]) -> dict[str, int]:
+    """Count the distinct calls of each innermost module from the per-call keys of ``nn_module_stack``."""
+    keys: dict[str, set[str]] = defaultdict(set)
     for fx_node, fqns in stacks.items():
-        if fqns and fqns[-1] == fqn:
-            keys.add(list(fx_node.meta["nn_module_stack"].keys())[-1])
-    return max(1, len(keys))
+        if fqns:
+            keys[fqns[-1]].add(list(fx_node.meta["nn_module_stack"].keys())[-1])
+    return {fqn: len(call_keys) for fqn, call_keys in keys.items()}
 
 
 def _flatten_node_args(fx_node: torch.fx.Node) -> list[torch.fx.Node]:

@@ -300,7 +300,7 @@ def recalibrate(model: nn.Module, forward) -> None:
     reduce_range makes fake-quant clip activations at 128 levels where the converted int8 kernels use
     256. Observing the eval-mode ranges once before freezing keeps both forwards inside the observed
     range, so the comparison measures the conversion rather than observer lag. Each observer keeps
-    the union of the ranges it sees, because a module called twice observes two tensors.
+    the union of the ranges it observes, because a module called twice observes two tensors.
     """
     handles = []
     constants: list[tuple[nn.Module, float]] = []

@@ -121,7 +121,7 @@ def test_subclasses_match_only_when_asked():
     rules = RuleSet(name="py", extends=("default",), rules=(Rule(match=Match(type="Linear", subclasses=True), action="quantize"),))
     plan = planner.plan(Sub(), inputs, rules=rules)
     assert plan.nodes["a"].rule == "py:rules[0]"
-    # MyLinear has no eager int8 mapping of its own (torch maps exact types), so the planner keeps it fp32 and says so.
+    # MyLinear has no eager int8 mapping of its own (torch maps exact types), so the planner keeps it fp32 and records a note.
     assert plan.nodes["a"].domain == "fp32"
     assert plan.nodes["a"].note == "MyLinear has no eager int8 module mapping; kept fp32"
 
