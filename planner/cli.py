@@ -26,6 +26,12 @@ error_console = Console(stderr=True)
 class Objective(str, Enum):
     bytes = "bytes"
     count = "count"
+    latency = "latency"
+
+
+OBJECTIVE_HELP = ("What the cut minimises: converted elements (bytes), conversions (count), or the int8 forward "
+                  "time predicted by this machine's cost model (latency; see calibrate).")
+COST_MODEL_HELP = "Cost model JSON written by calibrate --out, for --objective latency. Default: this machine's cached one."
 
 
 class ReportFormat(str, Enum):
@@ -46,7 +52,8 @@ class DiffFormat(str, Enum):
 def plan_command(
     model: str = typer.Argument(..., help="Built-in name (gpt2, gpt2-medium, gpt2-large, gpt2-xl, gpt2-tiny), a local Hugging Face folder, or package.module:factory."),
     rules: Optional[list[str]] = typer.Option(None, "--rules", help="Built-in rule set name or JSON file; repeat to layer sets in order. Default: default."),
-    objective: Objective = typer.Option(Objective.bytes, help="Cost of a conversion: its element count (bytes) or 1 (count)."),
+    objective: Objective = typer.Option(Objective.bytes, help=OBJECTIVE_HELP),
+    cost_model: Optional[Path] = typer.Option(None, "--cost-model", exists=True, dir_okay=False, help=COST_MODEL_HELP),
     format: ReportFormat = typer.Option(ReportFormat.text, "--format", help="Report format."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write the report to this file instead of standard output."),
     seq_len: int = typer.Option(128, "--seq-len", min=1, help="Sequence length of the example input, in tokens; it sets the element counts."),
@@ -63,7 +70,7 @@ def plan_command(
     _check_seq_len(instance, seq_len)
     with console.status("tracing and planning", spinner="dots") if console.is_terminal else _nothing():
         result = plan(instance, spec.example_inputs("meta", seq_len, None), rules=rules or "default", objective=objective.value,
-                      strict=strict)
+                      strict=strict, cost_model=_cost_model(objective, cost_model))
     for origin in result.dead_rules:
         summary = result.rule_table[origin]
         error_console.print(f"warning: rule {origin} ({summary.file or 'built in Python'}) matches no node: "
@@ -89,7 +96,8 @@ def explain_command(
     model: str = typer.Argument(..., help="Built-in name, a local Hugging Face folder, or package.module:factory."),
     node: str = typer.Argument(..., help="A module fqn (transformer.h.0.mlp.c_fc) or an op node name (transformer.h.0:add#0)."),
     rules: Optional[list[str]] = typer.Option(None, "--rules", help="Built-in rule set name or JSON file; repeatable."),
-    objective: Objective = typer.Option(Objective.bytes, help="Cost of a conversion: its element count (bytes) or 1 (count)."),
+    objective: Objective = typer.Option(Objective.bytes, help=OBJECTIVE_HELP),
+    cost_model: Optional[Path] = typer.Option(None, "--cost-model", exists=True, dir_okay=False, help=COST_MODEL_HELP),
     seq_len: int = typer.Option(128, "--seq-len", min=1, help="Sequence length of the example input, in tokens."),
 ) -> None:
     """Explain why one node is int8 or fp32: its candidate rules, neighbours and stubs."""
@@ -100,7 +108,8 @@ def explain_command(
     spec = resolve_model(model)
     instance = spec.model("meta")
     _check_seq_len(instance, seq_len)
-    result = plan(instance, spec.example_inputs("meta", seq_len, None), rules=rules or "default", objective=objective.value)
+    result = plan(instance, spec.example_inputs("meta", seq_len, None), rules=rules or "default", objective=objective.value,
+                  cost_model=_cost_model(objective, cost_model))
     console.print(explain(result, node), highlight=False, soft_wrap=True)
 
 
@@ -161,7 +170,8 @@ def validate_command(
     model: str = typer.Argument(..., help="Built-in name, a local Hugging Face folder, or package.module:factory."),
     rules: Optional[list[str]] = typer.Option(None, "--rules", help="Built-in rule set name or JSON file; repeatable."),
     plan_file: Optional[Path] = typer.Option(None, "--plan", exists=True, dir_okay=False, help="Validate this saved plan instead of planning anew."),
-    objective: Objective = typer.Option(Objective.bytes, help="Objective used when planning anew."),
+    objective: Objective = typer.Option(Objective.bytes, help="Objective used when planning anew: bytes, count or latency."),
+    cost_model: Optional[Path] = typer.Option(None, "--cost-model", exists=True, dir_okay=False, help=COST_MODEL_HELP),
     seq_len: int = typer.Option(32, "--seq-len", min=1, help="Tokens in the example input of language models."),
     static_only: bool = typer.Option(False, "--static-only", help="Skip the checks that run the model (no weights needed)."),
 ) -> None:
@@ -180,7 +190,8 @@ def validate_command(
     if isinstance(inputs, dict) and "input_ids" in inputs and device != "meta":
         vocab = getattr(getattr(instance, "config", None), "vocab_size", 2)
         inputs = {**inputs, "input_ids": torch.randint(0, vocab, tuple(inputs["input_ids"].shape), generator=torch.Generator().manual_seed(0))}
-    the_plan = Plan.load(plan_file) if plan_file else plan(instance, inputs, rules=rules or "default", objective=objective.value)
+    the_plan = Plan.load(plan_file) if plan_file else plan(instance, inputs, rules=rules or "default", objective=objective.value,
+                                                           cost_model=_cost_model(objective, cost_model))
     report = validate(instance, inputs, the_plan, dynamic=not static_only)
     console.print(report.render(), highlight=False, soft_wrap=True)
     if not report.passed:
@@ -259,6 +270,61 @@ def qat_command(
         console.print(f"saved {out / 'model_int8.pt'} and {out / 'plan.json'}")
 
 
+@app.command("calibrate")
+def calibrate_command(
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch threads to measure with; plans for that thread count use it. Default: torch's current count."),
+    out: Optional[Path] = typer.Option(None, "--out", dir_okay=False, help="Write the cost model here instead of the cache."),
+    quick: bool = typer.Option(False, "--quick", help="Fewer sizes: about 3 s instead of 10, less exact."),
+    show: bool = typer.Option(False, "--show", help="Print the cached cost model without measuring."),
+) -> None:
+    """Measure this machine's cost of quantize, dequantize and each op class, for --objective latency."""
+    import torch
+
+    from .costs import CostModel, calibrate, default_cost_model_path
+
+    path = out or default_cost_model_path(threads)
+    if show:
+        model = CostModel.load(path)
+    else:
+        with console.status("timing op classes", spinner="dots") if console.is_terminal else _nothing():
+            model = calibrate(threads)
+        model.save(path)
+    table = Table(title=f"cost model: {model.describe()} ({model.calibrated_at})")
+    table.add_column("op class")
+    table.add_column("unit")
+    for domain in ("fp32", "int8"):
+        table.add_column(f"{domain} µs per call", justify="right")
+        table.add_column(f"{domain} ns per unit", justify="right")
+    rows = [("quantize", "element", model.quantize, None), ("dequantize", "element", model.dequantize, None)]
+    rows += [(op, "MAC" if op in ("linear", "conv", "matmul", "attention") else "element", cost, model.int8.get(op))
+             for op, cost in model.fp32.items()]
+    for op, unit, fp32, int8 in rows:
+        cells = [f"{fp32.fixed_us:.2f}", f"{fp32.ns_per_unit:.4f}"]
+        cells += [f"{int8.fixed_us:.2f}", f"{int8.ns_per_unit:.4f}"] if int8 else ["–", "–"]
+        table.add_row(op, unit, *cells)
+    console.print(table)
+    console.print(f"{'read' if show else 'saved'} {path}" + ("" if show else f" ({torch.get_num_threads() if threads is None else threads} threads)"),
+                  highlight=False, soft_wrap=True)
+
+
+def _cost_model(objective: Objective, path: Optional[Path]):
+    """The cost model for --objective latency: the named file, else the cache, measured now if missing."""
+    if objective is not Objective.latency:
+        return None
+    from .costs import CostModel, calibrate, default_cost_model_path
+
+    if path is not None:
+        return CostModel.load(path)
+    cached = default_cost_model_path()
+    if cached.exists():
+        return CostModel.load(cached)
+    error_console.print(f"no cost model for this machine yet; calibrating once (about 10 s) and caching it in {cached}",
+                        highlight=False, soft_wrap=True)
+    model = calibrate()
+    model.save(cached)
+    return model
+
+
 def _show_each_warning_once() -> None:
     """Print each distinct warning (category and message) once per process.
 
@@ -300,6 +366,11 @@ def main() -> None:
     # times for a large model. On the command line each distinct message is shown once.
     _show_each_warning_once()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # transformers imports torchao when it is installed; on a CPU-only machine torchao logs that its
+    # CUDA kernels did not load, and its import makes torch log a deprecation of torchao's own code.
+    # Neither says anything about planning.
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     try:
         # Without standalone mode click returns the code of typer.Exit instead of exiting.
         code = app(standalone_mode=False, prog_name="qat-planner")

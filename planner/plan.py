@@ -11,6 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
+from .costs import CostModel, LatencyEstimate, estimate, latency_costs, load_cost_model
 from .errors import PlanError
 from .graph import OpGraph
 from .match import Matching, decide
@@ -128,6 +129,8 @@ class Plan(_Record):
     rule_table: dict[str, RuleSummary] = Field(default_factory=dict)
     edges: list[Edge]
     stats: PlanStats
+    latency: LatencyEstimate | None = None
+    cost_model: CostModel | None = None
 
     def save(self, path: str | Path) -> None:
         """Write the plan as JSON (``"version": 1``)."""
@@ -169,12 +172,20 @@ def plan(
     rules: str | Path | RuleSet | list[str | Path | RuleSet] = "default",
     objective: Objective = "bytes",
     strict: bool = False,
+    cost_model: CostModel | str | Path | None = None,
 ) -> Plan:
     """Trace ``model``, apply ``rules`` and place the cheapest set of conversions.
 
     ``example_inputs`` is a tuple of positional inputs or a dict of keyword inputs; meta tensors are
     enough. For models whose ``forward`` takes ``use_cache`` (Hugging Face decoders) ``use_cache=False``
     is passed unless given, because the key/value cache is not part of the quantized data path.
+
+    ``objective`` is what the cut minimises: converted elements (``"bytes"``), conversions
+    (``"count"``), or predicted int8 forward time (``"latency"``). The latency objective prices every
+    node and conversion with ``cost_model`` (a `CostModel` or its JSON file; by default this machine's
+    cached one, calibrated on first use), records the prediction in ``Plan.latency``, and substitutes
+    modules in both domains, because a substitution is an exact rewrite and its target is the one
+    the cost model measured.
 
     Rules from your own files or Python objects that match no node are listed in ``Plan.dead_rules``.
     The built-in sets are written for many architectures, so their unmatched rules are not listed.
@@ -203,8 +214,17 @@ def plan(
     if strict and dead:
         where = "; ".join(f"{o} in {o.file or 'a rule set built in Python'}" for o in dead)
         raise PlanError(f"rules match no node of {type(model).__name__} (strict mode): {where}; fix the match or remove the rule")
-    solution = solve(graph, requirements, objective=objective)
+    costs = None
+    if objective == "latency":
+        if not isinstance(cost_model, CostModel):
+            cost_model = load_cost_model(cost_model)
+        effective = {name: d.substitution.target for name, d in matching.decisions.items() if d.substitution}
+        costs = latency_costs(graph, cost_model, model, effective)
+    solution = solve(graph, requirements, objective=objective, costs=costs)
     result = _assemble(model, graph, resolved, matching, solution, objective, args, kwargs)
+    if costs is not None:
+        result.latency = estimate(graph, solution.domains, solution.conversions, costs)
+        result.cost_model = costs.model
     result.dead_rules = [str(origin) for origin in dead]
     result.conflicts = list(matching.conflicts)
     result.rule_table = {
@@ -279,7 +299,7 @@ def _assemble(model, graph: OpGraph, rules: ResolvedRules, matching: Matching, s
         SubstitutionRecord(module=name, source=graph.node(name).module_type, target=d.substitution.target,
                            kwargs=dict(d.substitution.kwargs))
         for name, d in matching.decisions.items()
-        if d.substitution is not None and solution.domains[name] == "int8"
+        if d.substitution is not None and (solution.domains[name] == "int8" or objective == "latency")
     ]
     used_presets = set(qconfigs.values()) | {b.qconfig for b in boundaries}
     module_domains = [n for n in nodes.values() if n.kind == "module"]

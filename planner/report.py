@@ -325,8 +325,18 @@ def _substitution_summary(plan: Plan) -> list[tuple[str, str, int]]:
 
 
 def _cost_text(plan: Plan) -> str:
-    unit = "converted elements" if plan.objective == "bytes" else "conversions"
+    unit = {"bytes": "converted elements", "count": "conversions", "latency": "ns of conversions and free nodes"}[plan.objective]
     return f"cut cost {plan.stats.cost} {unit} (objective {plan.objective})"
+
+
+def _latency_text(plan: Plan) -> str | None:
+    """One sentence on the predicted int8 forward time and its largest parts, for latency plans."""
+    if plan.latency is None:
+        return None
+    total = plan.latency.total_ms or 1.0
+    parts = ", ".join(f"{name} {ms / total:.0%}" for name, ms in list(plan.latency.by_class.items())[:6])
+    return (f"predicted int8 forward {plan.latency.total_ms:.1f} ms at the example input ({parts}); "
+            f"cost model: {plan.latency.cost_model}. `qat-planner validate` measures it")
 
 
 def _example_shapes(plan: Plan) -> str:
@@ -409,6 +419,8 @@ def _text_lines(plan: Plan) -> list[str]:
         f"{stats.converted_elements} elements converted per forward; {stats.int8_modules} int8 modules, "
         f"{stats.fp32_modules} fp32 modules; {_cost_text(plan)}",
     ]
+    if _latency_text(plan):
+        lines.append(escape(_latency_text(plan)))
     return lines
 
 
@@ -498,6 +510,8 @@ def _markdown(plan: Plan) -> str:
         f"{stats.fp32_modules} fp32 modules; {_cost_text(plan)}.",
         "",
     ]
+    if _latency_text(plan):
+        out += [_latency_text(plan) + ".", ""]
     return "\n".join(out)
 
 

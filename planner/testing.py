@@ -20,12 +20,14 @@ import networkx as nx
 import torch
 from torch import nn
 
+from .costs import CostModel, LatencyCosts, OpCost
 from .graph import Node, OpGraph
 from .plan import Plan, plan
 from .rules import RuleSet
 from .validate import ValidationReport, validate
 
-__all__ = ["assert_plan_valid", "brute_force_cost", "make_graph", "placement_problems", "generated_models", "GeneratedNet"]
+__all__ = ["assert_plan_valid", "brute_force_cost", "random_latency_costs", "make_graph", "placement_problems",
+           "generated_models", "GeneratedNet"]
 
 
 def assert_plan_valid(
@@ -65,13 +67,15 @@ def make_graph(nodes: list[tuple[str, str, int, int]], edges: list[tuple[str, st
     return OpGraph(graph=graph, model_type="generated", tracer="generated", trace_seconds=0.0)
 
 
-def brute_force_cost(graph: OpGraph, requirements: dict[str, str], objective: str = "bytes") -> int | None:
-    """Return the minimum conversion cost by enumerating every labelling of the nodes.
+def brute_force_cost(graph: OpGraph, requirements: dict[str, str], objective: str = "bytes",
+                     costs: LatencyCosts | None = None) -> int | None:
+    """Return the minimum cut cost by enumerating every labelling of the nodes.
 
     For each labelling the ports are priced exactly: tensors join a producer's output port to its
     consumers' input ports (an op node is its own port), so each connected group of ports shares one
     label; a group containing an op, input or output takes that node's label, any other group takes
-    the cheaper label. A port whose label differs from its module's costs one conversion. Exponential
+    the cheaper label. A port whose label differs from its module's costs one conversion, and with
+    ``objective="latency"`` every free node adds its time in its domain (from ``costs``). Exponential
     in the node count: use it on graphs of about a dozen nodes. ``None`` means no labelling is valid.
     """
     names = [n.name for n in graph.nodes()]
@@ -82,23 +86,46 @@ def brute_force_cost(graph: OpGraph, requirements: dict[str, str], objective: st
         if any(requirements[n] not in ("any", domain[n]) for n in names):
             continue
         cost = 0
+        if objective == "latency":
+            cost = sum(costs.nodes[n][domain[n] == "int8"] for n in names if requirements[n] == "any")
         for fixed, ports in groups:
             forced = {domain[name] for name in fixed}
             if len(forced) > 1:
                 cost = None
                 break
             options = forced or {"fp32", "int8"}
-            cost += min(sum(_port_cost(graph, port, objective) for port in ports if domain[port[0]] != label) for label in options)
+            cost += min(sum(_port_cost(graph, port, label, objective, costs) for port in ports if domain[port[0]] != label)
+                        for label in options)
         if cost is not None and (best is None or cost < best):
             best = cost
     return best
 
 
-def _port_cost(graph: OpGraph, port: tuple[str, str], objective: str) -> int:
+def _port_cost(graph: OpGraph, port: tuple[str, str], label: str, objective: str, costs: LatencyCosts | None) -> int:
     if objective == "count":
         return 1
     node = graph.node(port[0])
-    return node.input_elements if port[1] == "in" else node.output_elements
+    elements = node.input_elements if port[1] == "in" else node.output_elements
+    if objective == "latency":
+        # An fp32 tensor entering an int8 module, or an fp32 module's output leaving as int8, is quantized.
+        quantize = (label == "fp32") if port[1] == "in" else (label == "int8")
+        return costs.conversion("quantize" if quantize else "dequantize", elements) * node.calls
+    return elements
+
+
+def random_latency_costs(graph: OpGraph, rng) -> LatencyCosts:
+    """Latency capacities with random conversion prices and random per-node times, for property tests.
+
+    ``rng`` is a `random.Random`. The quantize and dequantize prices differ, so the direction of
+    each conversion matters, as it does on real backends.
+    """
+    def cost() -> OpCost:
+        return OpCost(fixed_us=rng.randint(0, 5), ns_per_unit=rng.choice([0.0, 0.5, 1.0, 7.0]))
+
+    model = CostModel(torch="test", engine="test", cpu="test", threads=1, calibrated_at="test",
+                      quantize=cost(), dequantize=cost(), fp32={"elementwise": cost()}, int8={})
+    nodes = {n.name: (rng.randint(0, 20_000), rng.randint(0, 20_000)) for n in graph.nodes()}
+    return LatencyCosts(nodes=nodes, classes={name: "elementwise" for name in nodes}, model=model)
 
 
 def _port_groups(graph: OpGraph) -> list[tuple[set[str], list[tuple[str, str]]]]:

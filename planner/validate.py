@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import statistics
+import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -11,11 +13,12 @@ import torch.ao.quantization as tq
 from torch import nn
 from torch.ao.quantization.quantization_mappings import get_default_qat_module_mappings
 
+from .costs import latency_costs, predict
 from .emit import StubWrapper, emit
 from .errors import PlannerError
 from .graph import OpGraph
-from .plan import Plan, _split_inputs
-from .solve import solve
+from .plan import Plan, _input_shapes, _split_inputs
+from .solve import price, solve
 from .trace import trace
 
 __all__ = ["Check", "ValidationReport", "validate", "check_plan_static", "check_plan_dynamic",
@@ -29,6 +32,8 @@ FP32_TOLERANCE = 1e-5
 # grows to 10% of the largest logit, so the limit is 20% of the fake-quant output's largest magnitude.
 # A wrong stub or a broken kernel (quantized ConvTranspose2d on x86) misses it by far more.
 INT8_RELATIVE_TOLERANCE = 0.2
+# How far the latency cost model's prediction may be from a measured int8 forward (see benchmarks/runtime.py).
+LATENCY_TOLERANCE = 0.25
 
 
 @dataclass
@@ -38,7 +43,7 @@ class Check:
     name: str
     failures: list[tuple[str, str]] = field(default_factory=list)
     detail: str = ""
-    status: Literal["passed", "failed", "skipped"] = "passed"
+    status: Literal["passed", "failed", "skipped", "info"] = "passed"
 
     def fail(self, where: str, message: str) -> None:
         self.failures.append((where, message))
@@ -65,7 +70,7 @@ class ValidationReport:
     def render(self) -> str:
         lines = []
         for check in self.checks:
-            mark = {"passed": "PASS", "failed": "FAIL", "skipped": "SKIP"}[check.status]
+            mark = {"passed": "PASS", "failed": "FAIL", "skipped": "SKIP", "info": "INFO"}[check.status]
             lines.append(f"{mark}  {check.name}" + (f": {check.detail}" if check.detail else ""))
             for where, message in check.failures[:10]:
                 lines.append(f"      {where}: {message}")
@@ -74,7 +79,8 @@ class ValidationReport:
         passed = sum(c.status == "passed" for c in self.checks)
         failed = sum(c.status == "failed" for c in self.checks)
         skipped = sum(c.status == "skipped" for c in self.checks)
-        summary = f"{passed} of {len(self.checks)} checks passed"
+        counted = sum(c.status != "info" for c in self.checks)
+        summary = f"{passed} of {counted} checks passed"
         if failed:
             summary += f", {failed} failed"
         if skipped:
@@ -101,7 +107,7 @@ def validate(
     """
     args, kwargs = _split_inputs(model, example_inputs, None)
     graph = trace(model, args, kwargs)
-    checks = check_plan_static(graph, plan)
+    checks = check_plan_static(graph, plan, _input_shapes(args, kwargs))
     if dynamic:
         checks += check_plan_dynamic(model, args, kwargs, plan, steps=steps)
     return ValidationReport(checks)
@@ -114,8 +120,12 @@ def _flip(domain: str) -> str:
     return "fp32" if domain == "int8" else "int8"
 
 
-def check_plan_static(graph: OpGraph, plan: Plan) -> list[Check]:
-    """Check ``plan`` against the traced graph without running the model."""
+def check_plan_static(graph: OpGraph, plan: Plan, input_shapes: dict[str, list[int]] | None = None) -> list[Check]:
+    """Check ``plan`` against the traced graph without running the model.
+
+    ``input_shapes`` are the shapes the graph was traced with; a latency plan made for other shapes
+    is not held to this trace's optimum, because the fastest placement depends on the sizes.
+    """
     coverage = Check("plan covers the traced graph")
     for node in graph.nodes():
         if node.name not in plan.nodes:
@@ -168,26 +178,7 @@ def check_plan_static(graph: OpGraph, plan: Plan) -> list[Check]:
             if elements == 0:
                 stubs.fail(boundary.module, f"{boundary.kind} at the {boundary.position}, which carries no float tensor (integer inputs are never stubbed)")
 
-    minimal = Check("no cheaper plan exists (min-cut optimum)")
-    optimum = solve(graph, {name: plan.nodes[name].requirement for name in plan.nodes}, objective=plan.objective)
-    # Price the plan's stubs with this trace's element counts, which may differ from the planning input's.
-    cost = 0
-    for boundary in plan.boundaries:
-        if plan.objective == "count":
-            cost += 1
-        elif boundary.module in graph.graph:
-            node = graph.node(boundary.module)
-            cost += node.input_elements if boundary.position == "input" else node.output_elements
-
-    minimal.detail = f"plan cost {cost}, optimum {optimum.cost} ({plan.objective})"
-    if cost < optimum.cost:
-        # Cheaper than the optimum is only possible for a plan that breaks a requirement.
-        minimal.status = "skipped"
-        minimal.detail += "; the plan is cheaper than any valid plan, so it misses a conversion (see the failed checks)"
-    elif cost > optimum.cost:
-        extra = sorted({(c.module, c.position) for c in optimum.conversions} ^ {(b.module, b.position) for b in plan.boundaries})
-        for module, position in extra[:10]:
-            minimal.fail(module, f"stub at the {position} differs from the cheapest plan")
+    minimal = _check_minimal(graph, plan, input_shapes)
 
     fusions = Check("every fusion is a chain of single-consumer modules in one domain")
     for group in plan.fusions:
@@ -204,6 +195,38 @@ def check_plan_static(graph: OpGraph, plan: Plan) -> list[Check]:
         for boundary in inner:
             fusions.fail(boundary.module, f"stub inside the fused chain at its {boundary.position}")
     return [coverage, requirements, dataflow, stubs, minimal, fusions]
+
+
+def _check_minimal(graph: OpGraph, plan: Plan, input_shapes: dict[str, list[int]] | None) -> Check:
+    """Re-solve the cut on this trace and compare the plan's cost with the optimum."""
+    minimal = Check("no cheaper plan exists (min-cut optimum)")
+    needs = {name: plan.nodes[name].requirement for name in plan.nodes}
+    costs = None
+    if plan.objective == "latency":
+        if plan.cost_model is None:
+            minimal.status = "skipped"
+            minimal.detail = "a latency plan without its cost model (written by an older version) cannot be re-solved"
+            return minimal
+        costs = latency_costs(graph, plan.cost_model, None, {s.module: s.target for s in plan.substitutions})
+    optimum = solve(graph, needs, objective=plan.objective, costs=costs)
+    # Price the plan with this trace's element counts, which may differ from the planning input's.
+    domains = {name: plan.nodes[name].domain for name in plan.nodes if name in graph.graph}
+    cost = price(graph, domains, plan.boundaries, needs, plan.objective, costs)
+
+    minimal.detail = f"plan cost {cost}, optimum {optimum.cost} ({plan.objective})"
+    if cost < optimum.cost:
+        # Cheaper than the optimum is only possible for a plan that breaks a requirement.
+        minimal.status = "skipped"
+        minimal.detail += "; the plan is cheaper than any valid plan, so it misses a conversion (see the failed checks)"
+    elif cost > optimum.cost and plan.objective == "latency" and input_shapes != plan.example_inputs:
+        minimal.status = "skipped"
+        minimal.detail += (f"; the plan was made for inputs {plan.example_inputs}, and the fastest placement for "
+                           f"{input_shapes} differs; plan again at these sizes to compare")
+    elif cost > optimum.cost:
+        extra = sorted({(c.module, c.position) for c in optimum.conversions} ^ {(b.module, b.position) for b in plan.boundaries})
+        for module, position in extra[:10]:
+            minimal.fail(module, f"stub at the {position} differs from the cheapest plan")
+    return minimal
 
 
 # ---------------------------------------------------------------- dynamic
@@ -290,7 +313,38 @@ def check_plan_dynamic(model: nn.Module, args, kwargs, plan: Plan, *, steps: int
         # torch.ao has no QAT module for these types (Conv1d, ConvTranspose, norms, embeddings in torch
         # 2.13), so their weights see no fake-quant in training and are quantized only at convert.
         swapped.detail = f"no QAT module in torch.ao, weights quantized only at convert: {', '.join(without_qat)}"
-    return [emission, fp32, pipeline, closeness, swapped]
+    checks = [emission, fp32, pipeline, closeness, swapped]
+    if plan.cost_model is not None:
+        checks.append(_check_latency(model, converted, args, kwargs, plan))
+    return checks
+
+
+def _check_latency(model: nn.Module, converted: nn.Module, args, kwargs, plan: Plan) -> Check:
+    """Time the int8 forward at the cost model's thread count and compare it with the prediction.
+
+    Reported, never failed: a busy machine slows the measurement, not the plan.
+    """
+    check = Check(f"int8 forward time against the cost model (within {LATENCY_TOLERANCE:.0%} expected)")
+    check.status = "info"
+    predicted = predict(model, args, plan, example_kwargs=kwargs).total_ms
+    threads = torch.get_num_threads()
+    torch.set_num_threads(plan.cost_model.threads)
+    try:
+        with torch.no_grad():
+            for _ in range(2):
+                _run(converted, args, kwargs)
+            times = []
+            for _ in range(5):
+                started = time.perf_counter()
+                _run(converted, args, kwargs)
+                times.append((time.perf_counter() - started) * 1000)
+    finally:
+        torch.set_num_threads(threads)
+    measured = statistics.median(times)
+    error = predicted / measured - 1
+    check.detail = (f"predicted {predicted:.2f} ms, measured {measured:.2f} ms (median of 5, {plan.cost_model.threads} threads), "
+                    f"prediction {error:+.0%}")
+    return check
 
 
 def recalibrate(model: nn.Module, forward) -> None:

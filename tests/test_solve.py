@@ -6,10 +6,12 @@ import random
 
 import pytest
 from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
+from planner.costs import CostModel, LatencyCosts, OpCost
 from planner.errors import PlanError
-from planner.solve import solve
-from planner.testing import brute_force_cost, make_graph, placement_problems
+from planner.solve import price, solve
+from planner.testing import brute_force_cost, make_graph, placement_problems, random_latency_costs
 
 
 def _problem(nodes, edges, requirements):
@@ -28,6 +30,45 @@ def test_cut_cost_equals_brute_force(problem):
         for name, requirement in requirements.items():
             if requirement != "any":
                 assert solution.domains[name] == requirement
+
+
+@settings(max_examples=300, deadline=None)
+@given(placement_problems(max_nodes=11), st.randoms(use_true_random=False))
+def test_latency_cut_equals_brute_force(problem, rng):
+    graph, requirements = problem
+    costs = random_latency_costs(graph, rng)
+    solution = solve(graph, requirements, objective="latency", costs=costs)
+    assert solution.cost == brute_force_cost(graph, requirements, "latency", costs)
+    assert solution.cost == price(graph, solution.domains, solution.conversions, requirements, "latency", costs)
+
+
+def test_latency_runs_free_node_where_faster_despite_conversions():
+    # fc1 (int8) -> act (any) -> fc2 (int8). Every conversion costs 1000 ns plus 1 ns per element, so
+    # running act in fp32 adds a dequantize and a quantize of its 8 elements: 2 * 1008 ns.
+    graph = make_graph([("fc1", "module", 2, 8), ("act", "module", 8, 8), ("fc2", "module", 8, 2)],
+                       [("in", "fc1"), ("fc1", "act"), ("act", "fc2"), ("fc2", "out")])
+    one_us = OpCost(fixed_us=1.0, ns_per_unit=1.0)
+    model = CostModel(torch="t", engine="t", cpu="t", threads=1, calibrated_at="t", quantize=one_us, dequantize=one_us,
+                      fp32={"elementwise": one_us}, int8={})
+    nodes = {n.name: (0, 0) for n in graph.nodes()}
+    requirements = {"in": "fp32", "fc1": "int8", "act": "any", "fc2": "int8", "out": "fp32"}
+
+    nodes["act"] = (1000, 9000)
+    solution = solve(graph, requirements, objective="latency", costs=LatencyCosts(nodes, {}, model))
+    assert solution.domains["act"] == "fp32"
+    assert solution.cost == 1000 + 2 * 1002 + 2 * 1008  # act, the stubs at the model's ends, the two around act
+
+    nodes["act"] = (1000, 3000)  # now int8 is faster: 3000 < 1000 + 2 * 1008
+    solution = solve(graph, requirements, objective="latency", costs=LatencyCosts(nodes, {}, model))
+    assert solution.domains["act"] == "int8"
+    assert [(c.kind, c.module, c.position) for c in solution.conversions] == [
+        ("quantize", "fc1", "input"), ("dequantize", "fc2", "output")]
+
+
+def test_latency_without_costs_is_an_error():
+    graph = make_graph([("a", "module", 1, 1)], [("in", "a"), ("a", "out")])
+    with pytest.raises(PlanError, match="objective 'latency' needs a cost model"):
+        solve(graph, {"in": "fp32", "a": "any", "out": "fp32"}, objective="latency")
 
 
 @settings(max_examples=100, deadline=None)
@@ -77,5 +118,5 @@ def test_objectives_place_dequantize_differently():
 
 def test_unknown_objective_rejected():
     graph = make_graph([("lin", "module", 1, 1)], [("in", "lin"), ("lin", "out")])
-    with pytest.raises(PlanError, match="unknown objective 'latency'; accepted: bytes, count"):
-        solve(graph, {"in": "fp32", "lin": "int8", "out": "fp32"}, objective="latency")
+    with pytest.raises(PlanError, match="unknown objective 'speed'; accepted: bytes, count, latency"):
+        solve(graph, {"in": "fp32", "lin": "int8", "out": "fp32"}, objective="speed")
