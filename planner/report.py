@@ -90,12 +90,31 @@ def _relative(name: str, block: _Block) -> str:
     return name[len(block.label) + 1:] if name.startswith(block.label) else name
 
 
+_stub_index: tuple = (None, None, 0, {})
+
+
+def _stubs_of(plan: Plan, module: str) -> list[Boundary]:
+    """``plan.boundaries_of(module)`` through an index, built once per plan: reports ask for every node.
+
+    The index holds the plan it was built for (not its id, which Python reuses), and is rebuilt when
+    the boundary list is replaced or changes length.
+    """
+    global _stub_index
+    indexed_plan, indexed_list, count, index = _stub_index
+    if indexed_plan is not plan or indexed_list is not plan.boundaries or count != len(plan.boundaries):
+        index = {}
+        for boundary in plan.boundaries:
+            index.setdefault(boundary.module, []).append(boundary)
+        _stub_index = (plan, plan.boundaries, len(plan.boundaries), index)
+    return index.get(module, [])
+
+
 def _signature(plan: Plan, block: _Block) -> tuple:
     """What must be equal for two blocks to share one line of the report."""
     items = []
     for name in block.names:
         node = plan.nodes[name]
-        stubs = tuple((b.kind, b.position, b.qconfig) for b in plan.boundaries_of(name))
+        stubs = tuple((b.kind, b.position, b.qconfig) for b in _stubs_of(plan, name))
         items.append((_relative(name, block), node.domain, node.type, node.op, stubs))
     return tuple(items)
 
@@ -161,7 +180,7 @@ def _block_differences(plan: Plan, block: _Block, reference: _Block, limit: int 
     """List what differs in ``block`` from ``reference`` ("here" and "there"), by names relative to each block."""
 
     def entries(of: _Block) -> dict[str, tuple]:
-        return {_relative(name, of): (plan.nodes[name], plan.boundaries_of(name)) for name in of.names}
+        return {_relative(name, of): (plan.nodes[name], _stubs_of(plan, name)) for name in of.names}
 
     mine, theirs = entries(block), entries(reference)
     parts: list[str] = []
@@ -231,8 +250,8 @@ def _path_tokens(plan: Plan, names: list[str], strip: str = "", color: bool = Tr
             continue
         flush()
         label = name[len(strip):] if strip and name.startswith(strip) else name
-        before = "".join(_stub_mark(b, color) + " " for b in plan.boundaries_of(name) if b.position == "input")
-        after = "".join(" " + _stub_mark(b, color) for b in plan.boundaries_of(name) if b.position == "output")
+        before = "".join(_stub_mark(b, color) + " " for b in _stubs_of(plan, name) if b.position == "input")
+        after = "".join(" " + _stub_mark(b, color) for b in _stubs_of(plan, name) if b.position == "output")
         tokens.append(f"{before}{_paint(label, node.domain, color)}{after}")
     flush()
     return tokens
@@ -428,13 +447,13 @@ def _representative_boundaries(plan: Plan, head, blocks, tail) -> list[tuple[Bou
     """Return the boundaries of the head, of the first block of each identical group, and of the tail."""
     chosen: list[tuple[Boundary, str]] = []
     for name in head:
-        chosen += [(b, "") for b in plan.boundaries_of(name)]
+        chosen += [(b, "") for b in _stubs_of(plan, name)]
     for group in _fold(plan, blocks):
         scope = f" (and {len(group) - 1} more blocks)" if len(group) > 1 else ""
         for name in group[0].names:
-            chosen += [(b, scope) for b in plan.boundaries_of(name)]
+            chosen += [(b, scope) for b in _stubs_of(plan, name)]
     for name in tail:
-        chosen += [(b, "") for b in plan.boundaries_of(name)]
+        chosen += [(b, "") for b in _stubs_of(plan, name)]
     return chosen
 
 
@@ -606,7 +625,7 @@ def _picture(plan: Plan, limit: int | None = PICTURE_LIMIT) -> _Picture:
 
     # A stub no drawn edge carries (a module with no float producer or consumer) gets a node of its own.
     for name in drawn:
-        for boundary in plan.boundaries_of(name):
+        for boundary in _stubs_of(plan, name):
             if (name, boundary.position) in marked:
                 continue
             stub = f"s{len([s for s in shapes if s.kind == 'stub'])}"
@@ -653,7 +672,7 @@ def _edge_label(plan: Plan, source: str | None, target: str | None, marked: set[
     for name, position in ((source, "output"), (target, "input")):
         if name is None:
             continue
-        stubs = [b for b in plan.boundaries_of(name) if b.position == position]
+        stubs = [b for b in _stubs_of(plan, name) if b.position == position]
         if stubs:
             marked.add((name, position))
             marks += [_mark(b) for b in stubs]

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 import networkx as nx
-from networkx.algorithms.flow import preflow_push
+from networkx.algorithms.flow import boykov_kolmogorov
 
 from .errors import PlanError
 from .graph import OpGraph
@@ -132,7 +132,7 @@ def solve(graph: OpGraph, requirements: dict[str, str], *, objective: Objective 
     """
     network = build_network(graph, requirements, objective, costs)
     try:
-        residual = preflow_push(network, _SOURCE, _SINK)
+        residual = boykov_kolmogorov(network, _SOURCE, _SINK)
     except nx.NetworkXUnbounded:
         raise PlanError(
             "no valid plan: an int8 node and an fp32 node are joined by functional ops only, so eager mode "

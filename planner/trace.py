@@ -143,12 +143,28 @@ def _mro_names(cls: type) -> list[str]:
     return [qualified_name(base) for base in cls.__mro__ if issubclass(base, nn.Module) and base is not nn.Module]
 
 
-def _enclosing(fx_node: torch.fx.Node, model: nn.Module, skip_last: bool) -> list[tuple[str, str]]:
-    """Return ``(fqn, qualified type)`` of the modules around a node, outermost first, root excluded."""
-    fqns = [fqn for fqn in _stack_fqns(fx_node) if fqn]
+class _TypeNames(dict):
+    """Qualified type name of ``model``'s submodules by fqn, each looked up on first use.
+
+    The nodes of a large model share a few thousand module paths, so this replaces one
+    ``get_submodule`` per node and stack entry by one per path.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def __missing__(self, fqn: str) -> str:
+        name = self[fqn] = qualified_name(type(self.model.get_submodule(fqn)))
+        return name
+
+
+def _enclosing(stack: list[str], type_names: dict[str, str], skip_last: bool) -> list[tuple[str, str]]:
+    """Return ``(fqn, qualified type)`` of the modules on a node's module stack, outermost first, root excluded."""
+    fqns = [fqn for fqn in stack if fqn]
     if skip_last:
         fqns = fqns[:-1]
-    return [(fqn, qualified_name(type(model.get_submodule(fqn)))) for fqn in fqns]
+    return [(fqn, type_names[fqn]) for fqn in fqns]
 
 
 def _stack_fqns(fx_node: torch.fx.Node) -> list[str]:
@@ -175,6 +191,7 @@ def _collapse(exported: torch.export.ExportedProgram, model: nn.Module) -> nx.Di
     stacks = {n: _stack_fqns(n) for n in fx_nodes if n.op == "call_function"}
     non_leaf = {fqn for fqns in stacks.values() for fqn in fqns[:-1]}
     input_kinds = {spec.arg.name: spec.kind for spec in exported.graph_signature.input_specs if hasattr(spec.arg, "name")}
+    type_names = _TypeNames(model)
 
     graph = nx.DiGraph()
     group_of: dict[torch.fx.Node, str] = {}
@@ -203,11 +220,11 @@ def _collapse(exported: torch.export.ExportedProgram, model: nn.Module) -> nx.Di
             fqns = stacks[fx_node]
             innermost = fqns[-1] if fqns else ""
             if innermost and innermost not in non_leaf:
-                module = model.get_submodule(innermost)
                 if innermost not in graph:
+                    module = model.get_submodule(innermost)
                     add_node(Node(name=innermost, kind="module", fqn=innermost, order=order,
-                                  module_type=qualified_name(type(module)), type_mro=_mro_names(type(module)),
-                                  enclosing=_enclosing(fx_node, model, skip_last=True)))
+                                  module_type=type_names[innermost], type_mro=_mro_names(type(module)),
+                                  enclosing=_enclosing(fqns, type_names, skip_last=True)))
                 graph.nodes[innermost]["node"].aten_ops.append(op)
                 group_of[fx_node] = innermost
             else:
@@ -215,7 +232,7 @@ def _collapse(exported: torch.export.ExportedProgram, model: nn.Module) -> nx.Di
                 op_counters[(innermost, op)] += 1
                 name = f"{innermost}:{op}#{index}" if innermost else f"{op}#{index}"
                 add_node(Node(name=name, kind="op", fqn=innermost, order=order, op=op, aten_ops=[op],
-                              enclosing=_enclosing(fx_node, model, skip_last=False)))
+                              enclosing=_enclosing(fqns, type_names, skip_last=False)))
                 group_of[fx_node] = name
     add_node(Node(name="output", kind="output", fqn="", order=order + 1))
 
