@@ -30,10 +30,9 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Run the benchmark scripts; each prints ratios measured in one process."""
-    install(session)
-    session.run("python", "benchmarks/planning.py")
-    session.run("python", "benchmarks/runtime.py")
+    """Run every benchmark (tables in benchmarks/results/, plots in docs/img/); pass `-- --quick` for a short check."""
+    install(session, "bench")
+    session.run("python", "benchmarks/run_all.py", *session.posargs)
 
 
 @nox.session
