@@ -5,9 +5,10 @@ in this process on the same token ids, batch 1. The eager int8 models are conver
 prepare_qat and one observed forward. Methods:
 
 - ``fp32``: the Hugging Face model;
-- ``every Linear wrapped``: each projection and the LM head in its own QuantStub -> Linear -> DeQuantStub;
-- ``wrapped, MLP int8``: the same, with c_fc -> GELU -> c_proj kept int8 (the best placement by hand,
-  and qat-planner's default ``bytes`` plan);
+- ``every Linear wrapped``: by hand, each projection (Conv1D swapped for Linear) and the LM head in
+  its own nn.Sequential(QuantStub, Linear, DeQuantStub);
+- ``wrapped, MLP int8``: the same, with c_fc -> GELU -> c_proj kept int8 (the best placement by hand);
+- ``qat-planner bytes``: the default plan (fewest converted elements), emitted by qat-planner;
 - ``qat-planner latency``: the plan of ``objective="latency"`` with the cost model calibrated in this run;
 - ``FX graph mode``: a hand-written GPT-2 with the same weights through prepare_qat_fx/convert_fx,
   Linear and GELU quantized, since the Hugging Face model cannot be fx-traced;
@@ -17,7 +18,7 @@ prepare_qat and one observed forward. Methods:
 Prints min/median/max of repeated runs and the speed-up over fp32, the predicted latency of the
 latency plan next to its measured one, and a profile of the int8 models at the profile length.
 
-    python benchmarks/runtime.py [--seq-lens 32 128 512] [--threads 1 2] [--repeats 10] [--json PATH]
+    python benchmarks/runtime.py [--seq-lens 32 128 512] [--threads 1 2] [--repeats 15] [--json PATH]
 """
 
 from __future__ import annotations
@@ -55,15 +56,42 @@ def convert_eager(model: nn.Module, example: torch.Tensor) -> nn.Module:
     return tq.convert(model, inplace=False)
 
 
-def every_linear_wrapped(model: GPT2LMHeadModel, mlp_int8: bool) -> nn.Module:
-    """Emit a hand placement: every Linear in its own int8 island, or with the MLP's GELU int8 between them."""
-    inputs = {"input_ids": torch.zeros(1, 8, dtype=torch.long)}
-    if mlp_int8:
-        return planner.emit(model, planner.plan(model, inputs))
-    # Keeping GELU fp32 turns the default plan into exactly one island per Linear.
-    rules = planner.RuleSet(name="linear-islands", extends=("default",),
-                            rules=(planner.Rule(match=planner.Match(type="GELU"), action="float"),))
-    return planner.emit(model, planner.plan(model, inputs, rules=rules))
+def _linear_from(conv) -> nn.Linear:
+    """The nn.Linear equal to a transformers Conv1D (whose weight is stored as (in, out))."""
+    linear = nn.Linear(conv.weight.shape[0], conv.weight.shape[1])
+    with torch.no_grad():
+        linear.weight.copy_(conv.weight.t())
+        linear.bias.copy_(conv.bias)
+    return linear
+
+
+def by_hand(model: GPT2LMHeadModel, mlp_int8: bool) -> nn.Module:
+    """The placements users write by hand: every projection as QuantStub -> Linear -> DeQuantStub.
+
+    With ``mlp_int8`` the MLP runs QuantStub -> c_fc -> GELU -> c_proj -> DeQuantStub, GELU swapped for
+    torch's tanh GELU because transformers' formula has no int8 kernel. The LM head is wrapped too.
+    """
+    qconfig = tq.get_default_qat_qconfig("x86")
+    model = copy.deepcopy(model)
+
+    def island(*modules: nn.Module) -> nn.Sequential:
+        wrapped = nn.Sequential(*modules)
+        wrapped.qconfig = qconfig
+        return wrapped
+
+    for block in model.transformer.h:
+        attn, mlp = block.attn, block.mlp
+        attn.c_attn = island(tq.QuantStub(), _linear_from(attn.c_attn), tq.DeQuantStub())
+        attn.c_proj = island(tq.QuantStub(), _linear_from(attn.c_proj), tq.DeQuantStub())
+        if mlp_int8:
+            mlp.c_fc = island(tq.QuantStub(), _linear_from(mlp.c_fc))
+            mlp.act = nn.GELU(approximate="tanh")
+            mlp.c_proj = island(_linear_from(mlp.c_proj), tq.DeQuantStub())
+        else:
+            mlp.c_fc = island(tq.QuantStub(), _linear_from(mlp.c_fc), tq.DeQuantStub())
+            mlp.c_proj = island(tq.QuantStub(), _linear_from(mlp.c_proj), tq.DeQuantStub())
+    model.lm_head = island(tq.QuantStub(), model.lm_head, tq.DeQuantStub())
+    return model
 
 
 # ---------------------------------------------------------------- FX graph mode on a hand-written GPT-2
@@ -198,17 +226,21 @@ def pt2e(hf: GPT2LMHeadModel, seq_len: int, compiled: bool):
 # ---------------------------------------------------------------- timing and profile
 
 
-def measure(model, ids: torch.Tensor, repeats: int) -> list[float]:
-    if isinstance(model, nn.Module):
-        model.eval()
-    times = []
+def measure(models: dict, ids: torch.Tensor, repeats: int) -> dict[str, list[float]]:
+    """Milliseconds of each model's forward, taken in turns (one run of each per round), so a slow
+    spell of the machine falls on every model rather than on whichever ran then."""
+    times: dict[str, list[float]] = {name: [] for name in models}
     with torch.no_grad():
-        for _ in range(3):
-            model(ids)
+        for model in models.values():
+            if isinstance(model, nn.Module):
+                model.eval()
+            for _ in range(3):
+                model(ids)
         for _ in range(repeats):
-            started = time.perf_counter()
-            model(ids)
-            times.append((time.perf_counter() - started) * 1000)
+            for name, model in models.items():
+                started = time.perf_counter()
+                model(ids)
+                times[name].append((time.perf_counter() - started) * 1000)
     return times
 
 
@@ -245,7 +277,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[32, 128, 512])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--profile-seq-len", type=int, default=128)
     parser.add_argument("--no-pt2e", action="store_true", help="skip PT2E (its compile takes about a minute per length)")
     parser.add_argument("--json", help="also write the rows, predictions and profiles to this JSON file")
@@ -267,18 +299,22 @@ def main() -> None:
 
     eager = {
         "fp32": base,
-        "every Linear wrapped": convert_eager(every_linear_wrapped(copy.deepcopy(base), mlp_int8=False), example),
-        "wrapped, MLP int8": convert_eager(every_linear_wrapped(copy.deepcopy(base), mlp_int8=True), example),
+        "every Linear wrapped": convert_eager(by_hand(base, mlp_int8=False), example),
+        "wrapped, MLP int8": convert_eager(by_hand(base, mlp_int8=True), example),
+        "qat-planner bytes": convert_eager(planner.emit(base, planner.plan(meta, plan_inputs)), example),
         "qat-planner latency": convert_eager(planner.emit(base, latency_plan), example),
         "FX graph mode": fx_graph_mode(base, example),
     }
     hand_error = check_hand_written(base, example)
+    with torch.no_grad():  # before prepare_qat the stubs are identities, so the placements by hand compute fp32 GPT-2
+        placement_error = max((by_hand(base, m)(example).logits - base(example).logits).abs().max().item() for m in (False, True))
 
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {platform.processor() or 'cpu'}, torch {torch.__version__}, "
           f"engine {torch.backends.quantized.engine}; GPT-2 small, batch 1, random weights")
     print(f"cost models calibrated in {calibration_s:.1f} s; latency plan made at seq 128 with the {plan_threads}-thread model: "
           f"{latency_plan.stats.conversions} conversions, MLP activation {latency_plan.nodes['transformer.h.0.mlp.act'].domain}")
-    print(f"hand-written GPT-2 for FX matches the Hugging Face logits within {hand_error:.1e}")
+    print(f"hand-written GPT-2 for FX matches the Hugging Face logits within {hand_error:.1e}; "
+          f"the placements by hand before prepare_qat within {placement_error:.1e}")
     print()
     print(f"{'threads':>7} {'seq':>5} {'method':24} {'ms min/median/max':>24} {'speed-up':>9}")
     rows, predictions, builds = [], [], {}
@@ -298,8 +334,8 @@ def main() -> None:
         for threads in args.threads:
             torch.set_num_threads(threads)
             reference = None
-            for name, model in models.items():
-                times = measure(model, ids, args.repeats)
+            measured_times = measure(models, ids, args.repeats)
+            for name, times in measured_times.items():
                 median = statistics.median(times)
                 reference = reference or median
                 row = {"threads": threads, "seq_len": seq_len, "method": name, "ms_min": min(times), "ms_median": median,
@@ -320,7 +356,7 @@ def main() -> None:
 
     best_hand = {}
     for r in rows:
-        if r["method"] in ("every Linear wrapped", "wrapped, MLP int8"):
+        if r["method"] in ("every Linear wrapped", "wrapped, MLP int8"):  # the placements by hand
             key = (r["threads"], r["seq_len"])
             best_hand[key] = min(best_hand.get(key, math.inf), r["ms_median"])
     print()

@@ -62,13 +62,17 @@ class StubWrapper(nn.Module):
         return value
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        # Runs once per wrapped module per forward, so submodules are read from _modules directly
+        # rather than through the two __getattr__ layers.
+        modules = self._modules
         if self.input_name:
-            stub = getattr(self, self.input_name)
-            args = tuple(_convert(stub, a) for a in args)
-            kwargs = {k: _convert(stub, v) for k, v in kwargs.items()}
-        output = self.module(*args, **kwargs)
+            stub = modules[self.input_name]
+            args = (_convert(stub, args[0]),) if len(args) == 1 else tuple(_convert(stub, a) for a in args)
+            if kwargs:
+                kwargs = {k: _convert(stub, v) for k, v in kwargs.items()}
+        output = modules["module"](*args, **kwargs)
         if self.output_name:
-            stub = getattr(self, self.output_name)
+            stub = modules[self.output_name]
             if isinstance(output, (tuple, list)):
                 return type(output)(_convert(stub, o) for o in output)
             return _convert(stub, output)
