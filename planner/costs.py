@@ -116,7 +116,8 @@ class CostModel(BaseModel):
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"])
-            raise PlanError(f"{path}: not a qat-planner cost model ({where}: {first['msg']}); "
+            problem = f"{where}: {first['msg']}" if where else first["msg"]
+            raise PlanError(f"{path}: not a qat-planner cost model ({problem}); "
                             "delete it and run `qat-planner calibrate`") from None
 
 

@@ -133,6 +133,9 @@ def test_cost_model_file_errors(tmp_path):
     with pytest.raises(PlanError, match=r"costs.json: not a qat-planner cost model \(engine: Field required\); "
                                         r"delete it and run `qat-planner calibrate`"):
         CostModel.load(broken)
+    broken.write_text("not json")
+    with pytest.raises(PlanError, match=r"costs.json: not a qat-planner cost model \(Invalid JSON: expected ident at line 1 column 2\); delete it"):
+        CostModel.load(broken)
     with pytest.raises(PlanError, match=r"missing.json: cannot read cost model: No such file or directory; run `qat-planner calibrate`"):
         CostModel.load(tmp_path / "missing.json")
 
