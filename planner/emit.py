@@ -79,6 +79,9 @@ class StubWrapper(nn.Module):
         return output
 
 
+_STUB_NAMES = frozenset({"quant_in", "dequant_in", "quant_out", "dequant_out"})
+
+
 def _stub_name(kind: str | None, side: str) -> str | None:
     if kind is None:
         return None
@@ -107,6 +110,8 @@ class _LoadOriginalKeys:
             old_prefix, new_prefix = f"{prefix}{old}.", f"{prefix}{new}."
             for key in [k for k in state_dict if k.startswith(old_prefix) and not k.startswith(new_prefix)]:
                 rest = key[len(old_prefix):]
+                if rest.split(".", 1)[0] in _STUB_NAMES:
+                    continue  # a stub's own state (a converted Quantize's scale): already an emitted key
                 value = state_dict.pop(key)
                 if old in self.transposed and rest == "weight":
                     value = value.t()

@@ -135,6 +135,21 @@ def test_emitted_model_loads_original_state_dict():
         assert (source(ids).logits - emitted(ids).logits).abs().max().item() <= 1e-5
 
 
+def test_converted_model_reloads_its_own_state_dict():
+    # The hook that maps the original model's keys must leave the stubs' own keys alone: a
+    # converted QuantStub's scale lives at "<module>.quant_in.scale", not under "<module>.module.".
+    config = small_gpt2_config()
+    emitted = planner.emit(GPT2LMHeadModel(config), planner.plan(GPT2LMHeadModel(config), meta_ids()))
+    tq.prepare_qat(emitted, inplace=True)
+    ids = torch.randint(0, 256, (1, 12))
+    with torch.no_grad():
+        emitted(ids)
+    converted = tq.convert(emitted.eval())
+    state = converted.state_dict()
+    assert "transformer.h.0.attn.c_attn.quant_in.scale" in state
+    converted.load_state_dict(state, strict=True)
+
+
 def test_emit_rejects_other_architecture():
     plan = planner.plan(GPT2LMHeadModel(small_gpt2_config()), meta_ids())
     with pytest.raises(planner.EmitError) as info:
