@@ -10,6 +10,8 @@ prepare_qat and one observed forward. Methods:
 - ``wrapped, MLP int8``: the same, with c_fc -> GELU -> c_proj kept int8 (the best placement by hand);
 - ``qat-planner bytes``: the default plan (fewest converted elements), emitted by qat-planner;
 - ``qat-planner latency``: the plan of ``objective="latency"`` with the cost model calibrated in this run;
+- ``latency + merge_dequantize``: the same converted model after `planner.merge_dequantize`, which
+  runs each int8 Linear and the dequantize after it as one oneDNN call with fp32 output;
 - ``FX graph mode``: a hand-written GPT-2 with the same weights through prepare_qat_fx/convert_fx,
   Linear and GELU quantized, since the Hugging Face model cannot be fx-traced;
 - ``PT2E``, ``PT2E compiled``: torchao's X86InductorQuantizer on the exported model (Conv1D swapped for
@@ -303,8 +305,10 @@ def main() -> None:
         "wrapped, MLP int8": convert_eager(by_hand(base, mlp_int8=True), example),
         "qat-planner bytes": convert_eager(planner.emit(base, planner.plan(meta, plan_inputs)), example),
         "qat-planner latency": convert_eager(planner.emit(base, latency_plan), example),
+        "latency + merge_dequantize": None,  # filled below from the converted latency model
         "FX graph mode": fx_graph_mode(base, example),
     }
+    eager["latency + merge_dequantize"] = planner.merge_dequantize(eager["qat-planner latency"])
     hand_error = check_hand_written(base, example)
     with torch.no_grad():  # before prepare_qat the stubs are identities, so the placements by hand compute fp32 GPT-2
         placement_error = max((by_hand(base, m)(example).logits - base(example).logits).abs().max().item() for m in (False, True))
@@ -316,7 +320,7 @@ def main() -> None:
     print(f"hand-written GPT-2 for FX matches the Hugging Face logits within {hand_error:.1e}; "
           f"the placements by hand before prepare_qat within {placement_error:.1e}")
     print()
-    print(f"{'threads':>7} {'seq':>5} {'method':24} {'ms min/median/max':>24} {'speed-up':>9}")
+    print(f"{'threads':>7} {'seq':>5} {'method':27} {'ms min/median/max':>24} {'speed-up':>9}")
     rows, predictions, builds = [], [], {}
     compiled_for_profile = None
     for seq_len in args.seq_lens:
@@ -341,7 +345,7 @@ def main() -> None:
                 row = {"threads": threads, "seq_len": seq_len, "method": name, "ms_min": min(times), "ms_median": median,
                        "ms_max": max(times), "speedup": reference / median}
                 rows.append(row)
-                print(f"{threads:>7} {seq_len:>5} {name:24} {min(times):7.1f} {median:7.1f} {max(times):7.1f} {row['speedup']:8.2f}x")
+                print(f"{threads:>7} {seq_len:>5} {name:27} {min(times):7.1f} {median:7.1f} {max(times):7.1f} {row['speedup']:8.2f}x")
             measured = next(r["ms_median"] for r in rows[::-1] if r["method"] == "qat-planner latency")
             inputs = {"input_ids": torch.zeros(1, seq_len, dtype=torch.long, device="meta")}
             predicted = predict(meta, inputs, latency_plan, cost_models[threads]).total_ms
@@ -361,13 +365,17 @@ def main() -> None:
             best_hand[key] = min(best_hand.get(key, math.inf), r["ms_median"])
     print()
     print("latency plan against the best hand placement (ratio > 1: the plan is faster)")
+    print(f"{'threads':>7} {'seq':>5} {'latency plan':>13} {'+ merge_dequantize':>19}")
     for r in rows:
         if r["method"] == "qat-planner latency":
-            print(f"{r['threads']:>7} {r['seq_len']:>5} {best_hand[(r['threads'], r['seq_len'])] / r['ms_median']:8.3f}")
+            key = (r["threads"], r["seq_len"])
+            merged = next(m for m in rows if m["method"] == "latency + merge_dequantize" and (m["threads"], m["seq_len"]) == key)
+            print(f"{r['threads']:>7} {r['seq_len']:>5} {best_hand[key] / r['ms_median']:13.3f} {best_hand[key] / merged['ms_median']:19.3f}")
 
     torch.set_num_threads(plan_threads)
     ids = torch.randint(0, config.vocab_size, (1, args.profile_seq_len), generator=torch.Generator().manual_seed(7))
-    profiled = {"qat-planner latency": eager["qat-planner latency"], "every Linear wrapped": eager["every Linear wrapped"]}
+    profiled = {"qat-planner latency": eager["qat-planner latency"], "latency + merge_dequantize": eager["latency + merge_dequantize"],
+                "every Linear wrapped": eager["every Linear wrapped"]}
     if not args.no_pt2e:
         runner = compiled_for_profile or pt2e(base, args.profile_seq_len, compiled=True)[0]
         if runner is not None:
@@ -376,9 +384,9 @@ def main() -> None:
     categories = list(next(iter(profiles.values())))
     print()
     print(f"profile at seq {args.profile_seq_len}, {plan_threads} threads: share of self CPU time")
-    print(f"{'method':24} " + " ".join(f"{c:>14}" for c in categories))
+    print(f"{'method':27} " + " ".join(f"{c:>14}" for c in categories))
     for name, shares in profiles.items():
-        print(f"{name:24} " + " ".join(f"{shares[c]:14.1%}" for c in categories))
+        print(f"{name:27} " + " ".join(f"{shares[c]:14.1%}" for c in categories))
     if builds:
         print()
         print("PT2E build time (export, prepare, calibrate, convert, compile): "

@@ -2,6 +2,7 @@
 
 from .errors import EmitError, ModelSpecError, PlanError, PlannerError, PlannerWarning, RuleError, TraceError
 from .emit import emit
+from .optimize import merge_dequantize
 from .plan import Plan, plan
 from .report import render
 from .rules import Fusion, Match, QConfigPreset, Rule, RuleSet, Substitution, load_rules
@@ -10,6 +11,7 @@ from .trace import trace
 __all__ = [
     "plan",
     "emit",
+    "merge_dequantize",
     "render",
     "trace",
     "Plan",

@@ -19,6 +19,7 @@ import os
 import platform
 import statistics
 import time
+import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,7 +29,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
 
-from .errors import PlanError
+from .errors import PlanError, PlannerWarning
 from .graph import Node, OpGraph
 
 logger = logging.getLogger(__name__)
@@ -112,13 +113,14 @@ class CostModel(BaseModel):
         try:
             return cls.model_validate_json(Path(path).read_text(encoding="utf-8"))
         except OSError as exc:
-            raise PlanError(f"{path}: cannot read cost model: {exc.strerror}; run `qat-planner calibrate`") from None
+            raise PlanError(f"{path}: cannot read cost model: {exc.strerror}; write one with "
+                            f"`qat-planner calibrate --out {path}`") from None
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"])
             problem = f"{where}: {first['msg']}" if where else first["msg"]
-            raise PlanError(f"{path}: not a qat-planner cost model ({problem}); "
-                            "delete it and run `qat-planner calibrate`") from None
+            raise PlanError(f"{path}: not a qat-planner cost model ({problem}); write one with "
+                            f"`qat-planner calibrate --out {path}`") from None
 
 
 # ---------------------------------------------------------------- where the cost model lives
@@ -311,6 +313,11 @@ def calibrate(threads: int | None = None, *, quick: bool = False, budget: float 
     ``threads`` sets torch's thread count for the measurement (and is restored after); the model is
     valid for that thread count only. ``budget`` is the seconds spent timing one call size.
     """
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if load > 0.5:
+        # Other processes share the cores, so every timing includes their work.
+        warnings.warn(f"the machine is busy (load average {load:.1f}); the cost model measures that load too. "
+                      "Calibrate on an idle machine for a usable model", PlannerWarning, stacklevel=2)
     previous = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
@@ -420,13 +427,18 @@ class LatencyCosts:
 
 
 def latency_costs(graph: OpGraph, cost_model: CostModel, model: nn.Module | None = None,
-                  effective_types: dict[str, str] | None = None) -> LatencyCosts:
-    """Price every node of ``graph`` in both domains with ``cost_model``."""
+                  effective_types: dict[str, str] | None = None, fused: set[str] | frozenset = frozenset()) -> LatencyCosts:
+    """Price every node of ``graph`` in both domains with ``cost_model``.
+
+    ``fused`` names modules that a fusion folds into the module before them (the ReLU of
+    Linear+ReLU): in int8 they become an Identity, so they cost one call.
+    """
     nodes, classes = {}, {}
     for node in graph.nodes():
         op, units = op_class(node, graph, model, (effective_types or {}).get(node.name))
         classes[node.name] = op
-        nodes[node.name] = (int(round(cost_model.node_ns(op, units, "fp32"))), int(round(cost_model.node_ns(op, units, "int8"))))
+        int8 = cost_model.node_ns("view", 0, "int8") if node.name in fused else cost_model.node_ns(op, units, "int8")
+        nodes[node.name] = (int(round(cost_model.node_ns(op, units, "fp32"))), int(round(int8)))
     return LatencyCosts(nodes=nodes, classes=classes, model=cost_model)
 
 
@@ -478,6 +490,7 @@ def predict(model: nn.Module, example_inputs, plan, cost_model: CostModel | None
         raise PlanError(f"the plan does not cover {len(missing)} node(s) of this trace ({', '.join(missing[:3])}); "
                         "plan the model again on these inputs")
     effective = {s.module: s.target for s in plan.substitutions}
-    costs = latency_costs(graph, cost_model, model, effective)
+    fused = {name for group in plan.fusions for name in group.modules[1:]}
+    costs = latency_costs(graph, cost_model, model, effective, fused)
     domains = {n.name: plan.nodes[n.name].domain for n in graph.nodes()}
     return estimate(graph, domains, plan.boundaries, costs)

@@ -234,7 +234,8 @@ def _plan(model, example_inputs, example_kwargs, rules, objective, strict, cost_
         if not isinstance(cost_model, CostModel):
             cost_model = load_cost_model(cost_model)
         effective = {name: d.substitution.target for name, d in matching.decisions.items() if d.substitution}
-        costs = latency_costs(graph, cost_model, model, effective)
+        fused = {name for modules, _types in matching.fusions for name in modules[1:]}
+        costs = latency_costs(graph, cost_model, model, effective, fused)
     solution = solve(graph, requirements, objective=objective, costs=costs)
     result = _assemble(model, graph, resolved, matching, solution, objective, args, kwargs)
     if costs is not None:

@@ -207,7 +207,8 @@ def _check_minimal(graph: OpGraph, plan: Plan, input_shapes: dict[str, list[int]
             minimal.status = "skipped"
             minimal.detail = "a latency plan without its cost model (written by an older version) cannot be re-solved"
             return minimal
-        costs = latency_costs(graph, plan.cost_model, None, {s.module: s.target for s in plan.substitutions})
+        costs = latency_costs(graph, plan.cost_model, None, {s.module: s.target for s in plan.substitutions},
+                              {name for group in plan.fusions for name in group.modules[1:]})
     optimum = solve(graph, needs, objective=plan.objective, costs=costs)
     # Price the plan with this trace's element counts, which may differ from the planning input's.
     domains = {name: plan.nodes[name].domain for name in plan.nodes if name in graph.graph}
@@ -342,8 +343,11 @@ def _check_latency(model: nn.Module, converted: nn.Module, args, kwargs, plan: P
         torch.set_num_threads(threads)
     measured = statistics.median(times)
     error = predicted / measured - 1
-    check.detail = (f"predicted {predicted:.2f} ms, measured {measured:.2f} ms (median of 5, {plan.cost_model.threads} threads), "
-                    f"prediction {error:+.0%}")
+    check.detail = (f"predicted {predicted:.2f} ms, measured {measured:.2f} ms at this input (median of 5, "
+                    f"{plan.cost_model.threads} threads), prediction {error:+.0%}")
+    if abs(error) > LATENCY_TOLERANCE:
+        check.detail += ("; outside the expected range: recalibrate on an idle machine (`qat-planner calibrate`), "
+                         "and note that small models spend most of their time in Python code the cost model does not price")
     return check
 
 
