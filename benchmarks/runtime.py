@@ -59,7 +59,7 @@ def convert_eager(model: nn.Module, example: torch.Tensor) -> nn.Module:
 
 
 def _linear_from(conv) -> nn.Linear:
-    """The nn.Linear equal to a transformers Conv1D (whose weight is stored as (in, out))."""
+    """Return the nn.Linear equal to a transformers Conv1D (whose weight is stored as (in, out))."""
     linear = nn.Linear(conv.weight.shape[0], conv.weight.shape[1])
     with torch.no_grad():
         linear.weight.copy_(conv.weight.t())
@@ -68,7 +68,7 @@ def _linear_from(conv) -> nn.Linear:
 
 
 def by_hand(model: GPT2LMHeadModel, mlp_int8: bool) -> nn.Module:
-    """The placements users write by hand: every projection as QuantStub -> Linear -> DeQuantStub.
+    """Return a placement users write by hand: every projection as QuantStub -> Linear -> DeQuantStub.
 
     With ``mlp_int8`` the MLP runs QuantStub -> c_fc -> GELU -> c_proj -> DeQuantStub, GELU swapped for
     torch's tanh GELU because transformers' formula has no int8 kernel. The LM head is wrapped too.

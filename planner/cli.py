@@ -280,7 +280,7 @@ def calibrate_command(
     """Measure this machine's cost of quantize, dequantize and each op class, for --objective latency."""
     import torch
 
-    from .costs import CostModel, calibrate, default_cost_model_path
+    from .costs import MAC_CLASSES, CostModel, calibrate, default_cost_model_path
 
     path = out or default_cost_model_path(threads)
     if show:
@@ -296,7 +296,7 @@ def calibrate_command(
         table.add_column(f"{domain} µs per call", justify="right")
         table.add_column(f"{domain} ns per unit", justify="right")
     rows = [("quantize", "element", model.quantize, None), ("dequantize", "element", model.dequantize, None)]
-    rows += [(op, "MAC" if op in ("linear", "conv", "matmul", "attention") else "element", cost, model.int8.get(op))
+    rows += [(op, "MAC" if op in MAC_CLASSES else "element", cost, model.int8.get(op))
              for op, cost in model.fp32.items()]
     for op, unit, fp32, int8 in rows:
         cells = [f"{fp32.fixed_us:.2f}", f"{fp32.ns_per_unit:.4f}"]
@@ -308,21 +308,16 @@ def calibrate_command(
 
 
 def _cost_model(objective: Objective, path: Optional[Path]):
-    """The cost model for --objective latency: the named file, else the cache, measured now if missing."""
+    """Return the cost model for --objective latency: the named file, else the cache, measured now if missing."""
     if objective is not Objective.latency:
         return None
-    from .costs import CostModel, calibrate, default_cost_model_path
+    from .costs import default_cost_model_path, load_cost_model
 
-    if path is not None:
-        return CostModel.load(path)
     cached = default_cost_model_path()
-    if cached.exists():
-        return CostModel.load(cached)
-    error_console.print(f"no cost model for this machine yet; calibrating once (about 10 s) and caching it in {cached}",
-                        highlight=False, soft_wrap=True)
-    model = calibrate()
-    model.save(cached)
-    return model
+    if path is None and not cached.exists():
+        error_console.print(f"no cost model for this machine yet; calibrating once (about 10 s) and caching it in {cached}",
+                            highlight=False, soft_wrap=True)
+    return load_cost_model(path)
 
 
 def _show_each_warning_once() -> None:
@@ -366,9 +361,8 @@ def main() -> None:
     # times for a large model. On the command line each distinct message is shown once.
     _show_each_warning_once()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    # transformers imports torchao when it is installed; on a CPU-only machine torchao logs that its
-    # CUDA kernels did not load, and its import makes torch log a deprecation of torchao's own code.
-    # Neither says anything about planning.
+    # transformers imports torchao when it is installed. On a CPU-only machine torchao then logs that
+    # its CUDA kernels did not load, and torch logs a deprecation in torchao's code. Neither concerns planning.
     for name in ("torchao", "torch.utils._pytree"):
         logging.getLogger(name).setLevel(logging.ERROR)
     try:

@@ -35,7 +35,7 @@ from .graph import Node, OpGraph
 logger = logging.getLogger(__name__)
 
 __all__ = ["OpCost", "CostModel", "LatencyCosts", "calibrate", "load_cost_model", "default_cost_model_path",
-           "latency_costs", "op_class", "LatencyEstimate", "estimate", "predict"]
+           "latency_costs", "plan_latency_costs", "op_class", "LatencyEstimate", "estimate", "predict"]
 
 # Op classes whose unit is multiply-accumulates; every other class counts output elements.
 MAC_CLASSES = ("linear", "conv", "matmul", "attention")
@@ -68,7 +68,7 @@ class OpCost(BaseModel):
 class CostModel(BaseModel):
     """Calibrated costs of one backend; ``fp32`` and ``int8`` map op classes to their `OpCost`.
 
-    A class missing from ``int8`` has no eager int8 kernel; a node of that class is priced at its fp32
+    A class missing from ``int8`` has no eager int8 kernel. A node of that class is priced at its fp32
     cost in either domain, so the cost model never pushes such a node into int8.
     """
 
@@ -227,7 +227,7 @@ def _gelu_formula(x: torch.Tensor) -> torch.Tensor:
 
 
 def _cases(quick: bool) -> dict[tuple[str, str], list[tuple[int, Callable[[], object]]]]:
-    """Each (class, domain) with its measured calls: (units of the call, the call)."""
+    """Return the calls to time for each (class, domain), as (units of the call, the call) pairs."""
     import torch.ao.nn.quantized as nnq
     import torch.nn.functional as F
 
@@ -442,6 +442,13 @@ def latency_costs(graph: OpGraph, cost_model: CostModel, model: nn.Module | None
     return LatencyCosts(nodes=nodes, classes=classes, model=cost_model)
 
 
+def plan_latency_costs(graph: OpGraph, plan, cost_model: CostModel, model: nn.Module | None = None) -> LatencyCosts:
+    """Price ``graph`` as ``plan`` emits it: with the plan's substitutions and fusions applied."""
+    effective = {record.module: record.target for record in plan.substitutions}
+    fused = {name for group in plan.fusions for name in group.modules[1:]}
+    return latency_costs(graph, cost_model, model, effective, fused)
+
+
 class LatencyEstimate(BaseModel):
     """Predicted time of one int8 forward: the total and its split by op class and domain, in ms."""
 
@@ -489,8 +496,6 @@ def predict(model: nn.Module, example_inputs, plan, cost_model: CostModel | None
     if missing:
         raise PlanError(f"the plan does not cover {len(missing)} node(s) of this trace ({', '.join(missing[:3])}); "
                         "plan the model again on these inputs")
-    effective = {s.module: s.target for s in plan.substitutions}
-    fused = {name for group in plan.fusions for name in group.modules[1:]}
-    costs = latency_costs(graph, cost_model, model, effective, fused)
+    costs = plan_latency_costs(graph, plan, cost_model, model)
     domains = {n.name: plan.nodes[n.name].domain for n in graph.nodes()}
     return estimate(graph, domains, plan.boundaries, costs)

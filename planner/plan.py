@@ -208,7 +208,7 @@ def plan(
     """
     # torch.export leaves hundreds of thousands of objects behind on a large model, and the first
     # full garbage collection after it scans them all (0.45 s on GPT-2 XL). Planning allocates enough
-    # to trigger one, so the collector waits until the plan is made; reference counting still frees
+    # to trigger one, so the collector waits until the plan is made. Reference counting still frees
     # everything that is not in a cycle.
     collecting = gc.isenabled()
     gc.disable()

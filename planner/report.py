@@ -94,10 +94,10 @@ _stub_index: tuple = (None, None, 0, {})
 
 
 def _stubs_of(plan: Plan, module: str) -> list[Boundary]:
-    """``plan.boundaries_of(module)`` through an index, built once per plan: reports ask for every node.
+    """Return ``plan.boundaries_of(module)`` from an index built once per plan, because reports ask for every node.
 
-    The index holds the plan it was built for (not its id, which Python reuses), and is rebuilt when
-    the boundary list is replaced or changes length.
+    The index keeps a reference to its plan (not the plan's id, which Python reuses) and is rebuilt
+    when the boundary list is replaced or changes length.
     """
     global _stub_index
     indexed_plan, indexed_list, count, index = _stub_index
@@ -349,7 +349,7 @@ def _cost_text(plan: Plan) -> str:
 
 
 def _latency_text(plan: Plan) -> str | None:
-    """One sentence on the predicted int8 forward time and its largest parts, for latency plans."""
+    """Return one sentence on the predicted int8 forward time and its largest parts, for latency plans."""
     if plan.latency is None:
         return None
     total = plan.latency.total_ms or 1.0

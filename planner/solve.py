@@ -151,7 +151,7 @@ def solve(graph: OpGraph, requirements: dict[str, str], *, objective: Objective 
 
 
 def conversions_of(graph: OpGraph, domains: dict[str, str], port_is_int8, network: nx.DiGraph) -> list[Conversion]:
-    """The conversions implied by the core domains and the side of each module port."""
+    """Return the conversions implied by the core domains and the side of each module port."""
     conversions = []
     for node in graph.module_nodes():
         core_int8 = domains[node.name] == "int8"
@@ -168,8 +168,8 @@ def price(graph: OpGraph, domains: dict[str, str], conversions, requirements: di
           objective: Objective, costs: LatencyCosts | None = None) -> int:
     """The cut value of an assignment: what its conversions, and for ``latency`` its free nodes, cost.
 
-    ``conversions`` are `Conversion` records or anything with ``kind``, ``module`` and ``position``;
-    element counts come from ``graph``, so a plan can be priced on a trace of other example inputs.
+    ``conversions`` are `Conversion` records or anything with ``kind``, ``module`` and ``position``.
+    Element counts come from ``graph``, so a plan can be priced on a trace of other example inputs.
     """
     total = 0
     for conversion in conversions:

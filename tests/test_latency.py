@@ -83,7 +83,8 @@ def test_plan_records_prediction_that_adds_up(gpt2_small):
     assert plan.latency.by_class["linear int8"] == pytest.approx((macs * 0.005 + 49 * 1000) / 1e6, rel=1e-3)
     assert list(plan.latency.by_class)[0] == "linear int8"
     again = planner.Plan.model_validate_json(plan.model_dump_json())
-    assert again.latency == plan.latency and again.cost_model == plan.cost_model
+    assert again.latency == plan.latency
+    assert again.cost_model == plan.cost_model
 
 
 def test_latency_plan_validates_and_reports_measured_time():
@@ -93,8 +94,10 @@ def test_latency_plan_validates_and_reports_measured_time():
     report = validate(model, ids, plan)
     assert report.passed, report.render()
     timing = report.checks[-1]
-    assert timing.status == "info" and timing.name.startswith("int8 forward time against the cost model")
-    assert timing.detail.startswith("predicted ") and " ms, measured " in timing.detail
+    assert timing.status == "info"
+    assert timing.name.startswith("int8 forward time against the cost model")
+    assert timing.detail.startswith("predicted ")
+    assert " ms, measured " in timing.detail
     assert "11 of 11 checks passed" in report.render()  # the timing is reported, not counted
 
 
@@ -124,7 +127,8 @@ def test_calibrate_measures_every_class():
     assert set(model.fp32) >= {"linear", "conv", "attention", "matmul", "softmax", "embedding", "norm", "gelu",
                                "gelu_formula", "relu", "add", "elementwise", "copy", "view"}
     assert set(model.int8) == {"linear", "conv", "gelu", "relu", "copy", "view"}
-    assert model.threads == 1 and model.torch == torch.__version__
+    assert model.threads == 1
+    assert model.torch == torch.__version__
     assert all(c.fixed_us >= 0 and c.ns_per_unit >= 0 for c in [*model.fp32.values(), *model.int8.values()])
     # The reason int8 exists: a multiply-accumulate is cheaper than in fp32 (4x on x86 here).
     assert model.int8["linear"].ns_per_unit < model.fp32["linear"].ns_per_unit
@@ -152,9 +156,10 @@ def test_cli_calibrate_then_plan_for_latency(tmp_path, monkeypatch):
     costs = tmp_path / "costs.json"
     cost_model(20.0).save(costs)
     env = {"NO_COLOR": "1", "COLUMNS": "300"}
-    shown = runner.invoke(app, ["calibrate", "--show", "--out", str(costs)], env=env)
-    assert shown.exit_code == 0, shown.output
-    assert "gelu_formula" in shown.output and f"read {costs}" in shown.output
+    table = runner.invoke(app, ["calibrate", "--show", "--out", str(costs)], env=env)
+    assert table.exit_code == 0, table.output
+    assert "gelu_formula" in table.output
+    assert f"read {costs}" in table.output
 
     result = runner.invoke(app, ["plan", "gpt2-tiny", "--seq-len", "32", "--objective", "latency", "--cost-model", str(costs),
                                  "--format", "json"], env=env)
@@ -165,7 +170,8 @@ def test_cli_calibrate_then_plan_for_latency(tmp_path, monkeypatch):
     assert data["latency"]["cost_model"] == "torch test, engine x86, 2 threads, test"
 
     text = runner.invoke(app, ["plan", "gpt2-tiny", "--seq-len", "32", "--objective", "latency", "--cost-model", str(costs)], env=env)
-    assert "predicted int8 forward " in text.output and "(linear int8 " in text.output
+    assert "predicted int8 forward " in text.output
+    assert "(linear int8 " in text.output
 
 
 def test_cli_show_without_cache_names_the_fix(tmp_path, monkeypatch):
@@ -186,7 +192,8 @@ def test_merge_dequantize_returns_the_unrounded_linear_output():
     merged = planner.merge_dequantize(converted)
 
     wrapper = merged[0]
-    assert type(wrapper.module).__name__ == "Int8LinearFloatOutput" and wrapper.output_name is None
+    assert type(wrapper.module).__name__ == "Int8LinearFloatOutput"
+    assert wrapper.output_name is None
     assert type(converted[0].module).__name__ == "Linear"  # the converted model is not modified
     assert sorted(merged.state_dict()) == sorted(converted.state_dict())
     # The merged Linear computes in fp32 what the int8 kernel accumulates: quantized input times
@@ -201,7 +208,8 @@ def test_merge_dequantize_returns_the_unrounded_linear_output():
     copied = copy.deepcopy(merged)
     restored = pickle.loads(pickle.dumps(merged))
     with torch.no_grad():
-        assert torch.equal(copied(inputs), merged(inputs)) and torch.equal(restored(inputs), merged(inputs))
+        assert torch.equal(copied(inputs), merged(inputs))
+        assert torch.equal(restored(inputs), merged(inputs))
         merged.load_state_dict(converted.state_dict())
         assert (merged[0](inputs) - expected).abs().max().item() <= 1e-4
 
