@@ -2,7 +2,7 @@
 
 from .errors import EmitError, ModelSpecError, PlanError, PlannerError, PlannerWarning, RuleError, TraceError
 from .emit import emit
-from .optimize import merge_dequantize
+from .optimize import gelu_folds, merge_dequantize
 from .plan import Plan, plan
 from .report import render
 from .rules import Fusion, Match, QConfigPreset, Rule, RuleSet, Substitution, load_rules
@@ -12,6 +12,7 @@ __all__ = [
     "plan",
     "emit",
     "merge_dequantize",
+    "gelu_folds",
     "render",
     "trace",
     "Plan",

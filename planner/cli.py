@@ -274,7 +274,7 @@ def qat_command(
 def calibrate_command(
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch threads to measure with; plans for that thread count use it. Default: torch's current count."),
     out: Optional[Path] = typer.Option(None, "--out", dir_okay=False, help="Write the cost model here instead of the cache."),
-    quick: bool = typer.Option(False, "--quick", help="Fewer sizes: about 3 s instead of 10, less exact."),
+    quick: bool = typer.Option(False, "--quick", help="Fewer sizes: about 10 s instead of 15, less exact."),
     show: bool = typer.Option(False, "--show", help="Print the cached cost model without measuring."),
 ) -> None:
     """Measure this machine's cost of quantize, dequantize and each op class, for --objective latency."""
@@ -290,18 +290,16 @@ def calibrate_command(
             model = calibrate(threads)
         model.save(path)
     table = Table(title=f"cost model: {model.describe()} ({model.calibrated_at})")
-    table.add_column("op class")
-    table.add_column("unit")
-    for domain in ("fp32", "int8"):
-        table.add_column(f"{domain} µs per call", justify="right")
-        table.add_column(f"{domain} ns per unit", justify="right")
-    rows = [("quantize", "element", model.quantize, None), ("dequantize", "element", model.dequantize, None)]
-    rows += [(op, "MAC" if op in MAC_CLASSES else "element", cost, model.int8.get(op))
-             for op, cost in model.fp32.items()]
-    for op, unit, fp32, int8 in rows:
-        cells = [f"{fp32.fixed_us:.2f}", f"{fp32.ns_per_unit:.4f}"]
-        cells += [f"{int8.fixed_us:.2f}", f"{int8.ns_per_unit:.4f}"] if int8 else ["–", "–"]
-        table.add_row(op, unit, *cells)
+    for column in ("op class", "domain", "unit"):
+        table.add_column(column, no_wrap=True)
+    for column in ("µs/call", "ns/unit", "ns/weight"):
+        table.add_column(column, justify="right", no_wrap=True, min_width=len(column))
+    rows = [("quantize", "–", model.quantize), ("dequantize", "–", model.dequantize)]
+    rows += [(op, domain, cost) for domain in ("fp32", "int8") for op, cost in getattr(model, domain).items()]
+    for op, domain, cost in rows:
+        unit = "MAC" if op.startswith(MAC_CLASSES) else "element"
+        weight = f"{cost.ns_per_weight:.4f}" if op.startswith(("linear", "conv")) else "–"
+        table.add_row(op, domain, unit, f"{cost.fixed_us:.2f}", f"{cost.ns_per_unit:.4f}", weight)
     console.print(table)
     console.print(f"{'read' if show else 'saved'} {path}" + ("" if show else f" ({torch.get_num_threads() if threads is None else threads} threads)"),
                   highlight=False, soft_wrap=True)
@@ -315,7 +313,7 @@ def _cost_model(objective: Objective, path: Optional[Path]):
 
     cached = default_cost_model_path()
     if path is None and not cached.exists():
-        error_console.print(f"no cost model for this machine yet; calibrating once (about 10 s) and caching it in {cached}",
+        error_console.print(f"no cost model for this machine yet; calibrating once (about 15 s) and caching it in {cached}",
                             highlight=False, soft_wrap=True)
     return load_cost_model(path)
 

@@ -3,9 +3,14 @@
 Every node of the operator graph belongs to an op class (``linear``, ``gelu``, ``add``, ...) and has a
 size in that class's unit: multiply-accumulates for ``linear``, ``conv``, ``matmul`` and ``attention``,
 output elements for the rest. Calibration times each class in fp32 and, where eager mode has an int8
-kernel, in int8, at a few sizes, and fits ``time = fixed + per_unit * units``. Quantize and dequantize
-are timed the way an emitted model runs them: a stub inside a `StubWrapper`. The fitted model is
-cached per torch version, quantized engine, thread count and CPU, because it is valid for nothing else.
+kernel, in int8, at a few sizes, and fits ``time = fixed + per_unit * units + per_weight * weights``.
+The weight term matters for linears at short sequences: a model's weights do not fit in cache, so
+every projection streams its weight from memory, and at a few tokens that takes longer than the
+arithmetic. Linears are therefore timed the way a model runs them, in turn over more distinct
+modules than the last-level cache holds. The fit minimises relative error, so small calls are priced
+as well as large ones. Quantize and dequantize are timed the way an emitted model runs them: a stub
+inside a `StubWrapper`. The fitted model is cached per torch version, quantized engine, thread count
+and CPU, because it is valid for nothing else.
 
 The cut then minimises predicted latency: a node that may run in either domain pays its int8 or fp32
 time, and a conversion pays its quantize or dequantize time.
@@ -17,10 +22,11 @@ import hashlib
 import logging
 import os
 import platform
+import re
 import statistics
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Literal
@@ -35,8 +41,10 @@ from .graph import Node, OpGraph
 logger = logging.getLogger(__name__)
 
 __all__ = ["OpCost", "CostModel", "LatencyCosts", "calibrate", "load_cost_model", "default_cost_model_path",
-           "latency_costs", "plan_latency_costs", "op_class", "LatencyEstimate", "estimate", "predict"]
+           "latency_costs", "plan_latency_costs", "op_class", "weight_elements", "LatencyEstimate", "estimate", "predict"]
 
+# Format of the saved cost model; version 2 added the per-weight-element term.
+COST_MODEL_VERSION = 2
 # Op classes whose unit is multiply-accumulates; every other class counts output elements.
 MAC_CLASSES = ("linear", "conv", "matmul", "attention")
 # Ops that only reinterpret or select from a tensor: their cost is one call, whatever the size.
@@ -54,15 +62,17 @@ _OP_CLASSES = {"linear": "linear", "matmul": "matmul", "scaled_dot_product_atten
 
 
 class OpCost(BaseModel):
-    """Fitted time of one op class in one domain: ``fixed_us`` per call plus ``ns_per_unit`` per unit."""
+    """Fitted time of one op class in one domain: ``fixed_us`` per call, ``ns_per_unit`` per unit and
+    ``ns_per_weight`` per weight element read."""
 
     model_config = ConfigDict(extra="forbid")
 
     fixed_us: float
     ns_per_unit: float
+    ns_per_weight: float = 0.0
 
-    def ns(self, units: float) -> float:
-        return self.fixed_us * 1000.0 + self.ns_per_unit * units
+    def ns(self, units: float, weights: float = 0) -> float:
+        return self.fixed_us * 1000.0 + self.ns_per_unit * units + self.ns_per_weight * weights
 
 
 class CostModel(BaseModel):
@@ -74,7 +84,7 @@ class CostModel(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    version: Literal[1] = 1
+    version: Literal[2] = COST_MODEL_VERSION
     torch: str
     engine: str
     cpu: str
@@ -88,10 +98,10 @@ class CostModel(BaseModel):
     def describe(self) -> str:
         return f"torch {self.torch}, engine {self.engine}, {self.threads} threads, {self.cpu}"
 
-    def node_ns(self, op: str, units: int, domain: str) -> float:
+    def node_ns(self, op: str, units: int, domain: str, weights: int = 0) -> float:
         table = self.int8 if domain == "int8" and op in self.int8 else self.fp32
         cost = table.get(op) or self.fp32["elementwise"]
-        return cost.ns(units)
+        return cost.ns(units, weights)
 
     def conversion_ns(self, kind: str, elements: int) -> float:
         return (self.quantize if kind == "quantize" else self.dequantize).ns(elements)
@@ -108,13 +118,20 @@ class CostModel(BaseModel):
         """Read a cost model written by `save`.
 
         Raises:
-            PlanError: the file cannot be read or is not a version-1 cost model.
+            PlanError: the file cannot be read or is not a cost model of this format version.
         """
         try:
-            return cls.model_validate_json(Path(path).read_text(encoding="utf-8"))
+            text = Path(path).read_text(encoding="utf-8")
         except OSError as exc:
             raise PlanError(f"{path}: cannot read cost model: {exc.strerror}; write one with "
                             f"`qat-planner calibrate --out {path}`") from None
+        version = re.search(r'"version"\s*:\s*(\d+)', text)
+        if version and int(version.group(1)) != COST_MODEL_VERSION:
+            raise PlanError(f"{path}: cost model format {version.group(1)} is from another qat-planner version "
+                            f"(this one reads format {COST_MODEL_VERSION}); calibrate again with "
+                            f"`qat-planner calibrate --out {path}`")
+        try:
+            return cls.model_validate_json(text)
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"])
@@ -153,7 +170,7 @@ def default_cost_model_path(threads: int | None = None) -> Path:
     threads = threads or torch.get_num_threads()
     cpu = hashlib.sha256(f"{_cpu_name()}|{os.cpu_count()}".encode()).hexdigest()[:10]
     version = torch.__version__.replace("+", "-")
-    return cache_dir() / f"costs-torch{version}-{_engine()}-{threads}t-{cpu}.json"
+    return cache_dir() / f"costs-v{COST_MODEL_VERSION}-torch{version}-{_engine()}-{threads}t-{cpu}.json"
 
 
 def load_cost_model(path: str | Path | None = None, *, calibrate_if_missing: bool = True) -> CostModel:
@@ -202,19 +219,40 @@ def _seconds_per_call(function: Callable[[], object], budget: float) -> float:
     return statistics.median(samples)
 
 
-def _fit(points: list[tuple[float, float]]) -> OpCost:
-    """Least-squares ``seconds = fixed + per_unit * units`` with both coefficients kept non-negative."""
-    n = len(points)
-    mean_u = sum(u for u, _ in points) / n
-    mean_t = sum(t for _, t in points) / n
-    spread = sum((u - mean_u) ** 2 for u, _ in points)
-    slope = sum((u - mean_u) * (t - mean_t) for u, t in points) / spread if spread else 0.0
-    fixed = mean_t - slope * mean_u
-    if slope < 0:
-        slope, fixed = 0.0, mean_t
-    elif fixed < 0:
-        slope, fixed = sum(u * t for u, t in points) / sum(u * u for u, _ in points), 0.0
-    return OpCost(fixed_us=fixed * 1e6, ns_per_unit=slope * 1e9)
+def _fit(points: list[tuple[float, float, float]]) -> OpCost:
+    """Fit ``seconds = fixed + per_unit * units + per_weight * weights`` to (units, weights, seconds).
+
+    Minimises the squared relative error, so that a call of a few microseconds is priced as closely
+    as one of many milliseconds, and keeps every coefficient non-negative: of the fits on each
+    subset of the terms, the best one with no negative coefficient wins. A term that does not vary
+    between the points cannot be told from the fixed cost and is left out.
+    """
+    terms = ["fixed"] + [name for name, index in (("units", 0), ("weights", 1)) if len({p[index] for p in points}) > 1]
+    values = {"fixed": lambda u, w: 1.0, "units": lambda u, w: u, "weights": lambda u, w: w}
+    design = torch.tensor([[values[term](u, w) / t for term in terms] for u, w, t in points], dtype=torch.float64)
+    ones = torch.ones(len(points), 1, dtype=torch.float64)
+    best_error, best = float("inf"), {}
+    for mask in range(1, 2 ** len(terms)):
+        chosen = [i for i in range(len(terms)) if mask >> i & 1]
+        solution = torch.linalg.lstsq(design[:, chosen], ones).solution.flatten()
+        if (solution < 0).any():
+            continue
+        error = float((design[:, chosen] @ solution - 1.0).square().sum())
+        if error < best_error:
+            best_error, best = error, {terms[i]: float(value) for i, value in zip(chosen, solution)}
+    return OpCost(fixed_us=best.get("fixed", 0.0) * 1e6, ns_per_unit=best.get("units", 0.0) * 1e9,
+                  ns_per_weight=best.get("weights", 0.0) * 1e9)
+
+
+def _last_level_cache_bytes() -> int:
+    """Size of the CPU's largest cache, from Linux sysfs; 32 MiB where it cannot be read."""
+    sizes = []
+    for entry in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = entry.read_text().strip() if entry.exists() else ""
+        match = re.fullmatch(r"(\d+)([KMG]?)", text)
+        if match:
+            sizes.append(int(match.group(1)) * {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[match.group(2)])
+    return max(sizes, default=32 << 20)
 
 
 def _quantized(x: torch.Tensor) -> torch.Tensor:
@@ -226,75 +264,129 @@ def _gelu_formula(x: torch.Tensor) -> torch.Tensor:
     return 0.5 * x * (1.0 + torch.tanh(0.7978845608028654 * (x + 0.044715 * torch.pow(x, 3.0))))
 
 
-def _cases(quick: bool) -> dict[tuple[str, str], list[tuple[int, Callable[[], object]]]]:
-    """Return the calls to time for each (class, domain), as (units of the call, the call) pairs."""
+# A timed call: its size in the class's unit, the weight elements it reads, and a function that
+# builds the call (so that large inputs and module pools exist only while they are timed).
+Case = tuple[int, int, Callable[[], Callable[[], object]]]
+
+
+def _linear_pool(k: int, n: int, kind: str, cache_bytes: int) -> Callable[[torch.Tensor], object]:
+    """Return a function that applies, in turn, distinct (k -> n) linears of ``kind`` whose weights
+    together exceed the cache by half, so each call reads its weight from memory as in a model.
+
+    The linears share their weight values (only the memory has to differ), which keeps building
+    the pool fast.
+    """
+    import itertools
+
+    import torch.ao.nn.quantized as nnq
+
+    from .optimize import Int8LinearFloatOutput
+
+    source = nn.Linear(k, n).eval()
+    weight, bias = source.weight.detach(), source.bias.detach()
+    scales = weight.abs().amax(dim=1).clamp(min=1e-6) / 127
+    qweight = torch.quantize_per_channel(weight, scales, torch.zeros(n, dtype=torch.long), 0, torch.qint8)
+    weight_bytes = k * n * (4 if kind == "fp32" else 1)
+    pool: list[nn.Module] = []
+    for _ in range(max(2, -(-3 * cache_bytes // (2 * weight_bytes)))):
+        if kind == "fp32":
+            linear = nn.Linear(k, n, device="meta").to_empty(device="cpu").eval()
+            with torch.no_grad():
+                linear.weight.copy_(weight)
+                linear.bias.copy_(bias)
+        else:
+            linear = (nnq.Linear if kind == "int8" else Int8LinearFloatOutput)(k, n)
+            linear.set_weight_bias(qweight, bias)
+            linear.scale, linear.zero_point = 0.05, 128
+            if kind != "int8":
+                linear.gelu = "tanh" if kind == "int8 fp32 output gelu" else None
+                linear._prepare()
+        pool.append(linear)
+    turns = itertools.cycle(pool)
+    return lambda x: next(turns)(x)
+
+
+def _cases(quick: bool) -> dict[tuple[str, str], list[Case]]:
+    """Return the calls to time for each (class, domain)."""
     import torch.ao.nn.quantized as nnq
     import torch.nn.functional as F
 
     from .emit import StubWrapper
+    from .optimize import can_merge_dequantize
 
     generator = torch.Generator().manual_seed(0)
 
     def randn(*shape):
         return torch.randn(*shape, generator=generator)
 
-    rows = (32, 128) if quick else (32, 128, 512)
+    rows = (1, 32, 128) if quick else (1, 32, 128, 512)
     width = 768
-    cases: dict[tuple[str, str], list] = {}
+    cache_bytes = _last_level_cache_bytes()
+    cases: dict[tuple[str, str], list[Case]] = {}
 
-    def add(op: str, domain: str, units: int, call: Callable[[], object]) -> None:
-        cases.setdefault((op, domain), []).append((units, call))
+    def add(op: str, domain: str, units: int, build: Callable[[], Callable[[], object]], weights: int = 0) -> None:
+        cases.setdefault((op, domain), []).append((units, weights, build))
 
-    # Square, widening and narrowing projections, and a vocabulary-sized head whose output does not
-    # fit in cache: per-MAC time differs between them, and the fit must cover all.
-    linear_shapes = [(m, width, n) for m in rows for n in (width, 4 * width)] + [(128, 4 * width, width)]
+    # Square, widening and narrowing projections and a vocabulary-sized head, at one token (where
+    # reading the weight dominates) up to hundreds (where the arithmetic does).
+    linear_shapes = [((width, width), rows), ((width, 4 * width), rows)]
     if not quick:
-        linear_shapes.append((128, width, 16384))
-    for m, k, n in linear_shapes:
-        x = randn(m, k)
-        fp32 = nn.Linear(k, n).eval()
-        int8 = nnq.Linear(k, n)
-        weight = fp32.weight.detach()
-        scales = weight.abs().amax(dim=1).clamp(min=1e-6) / 127
-        int8.set_weight_bias(torch.quantize_per_channel(weight, scales, torch.zeros(n, dtype=torch.long), 0, torch.qint8),
-                             fp32.bias.detach())
-        int8.scale, int8.zero_point = 0.05, 128
-        add("linear", "fp32", m * k * n, lambda f=fp32, x=x: f(x))
-        add("linear", "int8", m * k * n, lambda f=int8, q=_quantized(x): f(q))
+        linear_shapes.append(((width, 16384), (1, 128)))
+    kinds = [("linear", "fp32", "fp32"), ("linear", "int8", "int8")]
+    if can_merge_dequantize():
+        kinds += [("linear_fp32_output", "int8", "int8 fp32 output"), ("linear_fp32_output_gelu", "int8", "int8 fp32 output gelu")]
+    pools: dict[tuple[int, int, str], Callable] = {}
+
+    def pool(k: int, n: int, kind: str) -> Callable:
+        # One pool at a time: the calls of one shape and kind are timed one after another.
+        if (k, n, kind) not in pools:
+            pools.clear()
+            pools[k, n, kind] = _linear_pool(k, n, kind, cache_bytes)
+        return pools[k, n, kind]
+
+    for op, domain, kind in kinds:
+        for (k, n), lengths in linear_shapes:
+            for m in lengths:
+                def build(m=m, k=k, n=n, kind=kind):
+                    x, call = randn(m, k), pool(k, n, kind)
+                    x = x if kind == "fp32" else _quantized(x)
+                    return lambda: call(x)
+                add(op, domain, m * k * n, build, weights=k * n)
     for size in (14, 28):
         x = randn(1, 64, size, size)
         fp32 = nn.Conv2d(64, 64, 3, padding=1).eval()
         int8 = nnq.Conv2d(64, 64, 3, padding=1)
         macs = size * size * 64 * 64 * 9
-        add("conv", "fp32", macs, lambda f=fp32, x=x: f(x))
-        add("conv", "int8", macs, lambda f=int8, q=_quantized(x): f(q))
+        add("conv", "fp32", macs, lambda f=fp32, x=x: lambda: f(x), weights=64 * 64 * 9)
+        add("conv", "int8", macs, lambda f=int8, q=_quantized(x): lambda: f(q), weights=64 * 64 * 9)
     for m in rows:
         q, k, v = randn(1, 12, m, 64), randn(1, 12, m, 64), randn(1, 12, m, 64)
-        add("attention", "fp32", 12 * m * m * 64, lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v, is_causal=True))
+        add("attention", "fp32", 12 * m * m * 64,
+            lambda q=q, k=k, v=v: lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
         a, b = randn(12, m, 64), randn(12, 64, m)
-        add("matmul", "fp32", 12 * m * m * 64, lambda a=a, b=b: torch.matmul(a, b))
+        add("matmul", "fp32", 12 * m * m * 64, lambda a=a, b=b: lambda: torch.matmul(a, b))
         scores = randn(12, m, m)
-        add("softmax", "fp32", scores.numel(), lambda s=scores: torch.softmax(s, -1))
+        add("softmax", "fp32", scores.numel(), lambda s=scores: lambda: torch.softmax(s, -1))
     embedding = nn.Embedding(8192, width)
     norm = nn.LayerNorm(width)
     gelu = nn.GELU(approximate="tanh")
     relu = nn.ReLU()
     for m in rows:
         ids = torch.randint(0, 8192, (1, m), generator=generator)
-        add("embedding", "fp32", m * width, lambda ids=ids: embedding(ids))
+        add("embedding", "fp32", m * width, lambda ids=ids: lambda: embedding(ids))
         x = randn(1, m, width)
-        add("norm", "fp32", x.numel(), lambda x=x: norm(x))
+        add("norm", "fp32", x.numel(), lambda x=x: lambda: norm(x))
         wide = randn(1, m, 4 * width)
         for op, module in (("gelu", gelu), ("relu", relu)):
-            add(op, "fp32", wide.numel(), lambda f=module, x=wide: f(x))
-            add(op, "int8", wide.numel(), lambda f=module, q=_quantized(wide): f(q))
-        add("gelu_formula", "fp32", wide.numel(), lambda x=wide: _gelu_formula(x))
+            add(op, "fp32", wide.numel(), lambda f=module, x=wide: lambda: f(x))
+            add(op, "int8", wide.numel(), lambda f=module, q=_quantized(wide): lambda: f(q))
+        add("gelu_formula", "fp32", wide.numel(), lambda x=wide: lambda: _gelu_formula(x))
         y = randn(1, m, width)
-        add("add", "fp32", x.numel(), lambda x=x, y=y: x + y)
-        add("elementwise", "fp32", x.numel(), lambda x=x: torch.tanh(x))
+        add("add", "fp32", x.numel(), lambda x=x, y=y: lambda: x + y)
+        add("elementwise", "fp32", x.numel(), lambda x=x: lambda: torch.tanh(x))
         for domain, t in (("fp32", x), ("int8", _quantized(x))):
-            add("copy", domain, t.numel(), lambda t=t: t.transpose(-1, -2).contiguous())
-            add("view", domain, t.numel(), lambda t=t: t.view(-1))
+            add("copy", domain, t.numel(), lambda t=t: lambda: t.transpose(-1, -2).contiguous())
+            add("view", domain, t.numel(), lambda t=t: lambda: t.view(-1))
     # Conversions of large tensors (a vocabulary-sized output) run from memory, not cache.
     for elements in [m * 4 * width for m in rows] + ([128 * 32768] if not quick else []):
         wide = randn(elements)
@@ -302,13 +394,13 @@ def _cases(quick: bool) -> dict[tuple[str, str], list[tuple[int, Callable[[], ob
         setattr(quantize, quantize.input_name, nnq.Quantize(0.05, 128, torch.quint8))
         dequantize = StubWrapper(nn.Identity(), None, "dequantize")
         setattr(dequantize, dequantize.output_name, nnq.DeQuantize())
-        add("quantize", "-", wide.numel(), lambda f=quantize, x=wide: f(x))
-        add("dequantize", "-", wide.numel(), lambda f=dequantize, q=_quantized(wide): f(q))
+        add("quantize", "-", wide.numel(), lambda f=quantize, x=wide: lambda: f(x))
+        add("dequantize", "-", wide.numel(), lambda f=dequantize, q=_quantized(wide): lambda: f(q))
     return cases
 
 
 def calibrate(threads: int | None = None, *, quick: bool = False, budget: float = 0.08) -> CostModel:
-    """Time every op class on this machine and return the fitted `CostModel` (about 10 s; 3 s with ``quick``).
+    """Time every op class on this machine and return the fitted `CostModel` (about 15 s; 5 s with ``quick``).
 
     ``threads`` sets torch's thread count for the measurement (and is restored after); the model is
     valid for that thread count only. ``budget`` is the seconds spent timing one call size.
@@ -322,16 +414,13 @@ def calibrate(threads: int | None = None, *, quick: bool = False, budget: float 
     if threads:
         torch.set_num_threads(threads)
     try:
-        fp32: dict[str, OpCost] = {}
-        int8: dict[str, OpCost] = {}
-        conversions: dict[str, OpCost] = {}
+        fitted: dict[str, dict[str, OpCost]] = {"fp32": {}, "int8": {}, "-": {}}
         for (op, domain), calls in _cases(quick).items():
-            fitted = _fit([(units, _seconds_per_call(call, budget)) for units, call in calls])
-            {"fp32": fp32, "int8": int8, "-": conversions}[domain][op] = fitted
+            fitted[domain][op] = _fit([(units, weights, _seconds_per_call(build(), budget)) for units, weights, build in calls])
         return CostModel(
             torch=torch.__version__, engine=_engine(), cpu=_cpu_name(), threads=torch.get_num_threads(),
             calibrated_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            quantize=conversions["quantize"], dequantize=conversions["dequantize"], fp32=fp32, int8=int8,
+            quantize=fitted["-"]["quantize"], dequantize=fitted["-"]["dequantize"], fp32=fitted["fp32"], int8=fitted["int8"],
         )
     finally:
         torch.set_num_threads(previous)
@@ -380,6 +469,31 @@ def op_class(node: Node, graph: OpGraph, model: nn.Module | None = None, effecti
     return ("add" if name in _ARITHMETIC_OPS else "elementwise"), outputs
 
 
+def weight_elements(node: Node, graph: OpGraph, op: str, model: nn.Module | None = None) -> int:
+    """Weight elements that ``node`` reads per forward (every call reads its weight again); 0 unless
+    ``op`` is ``linear`` or ``conv``.
+
+    A linear's weight is (output width) x (input width), found from its output shape and sizes. A
+    convolution's comes from ``model`` where given.
+    """
+    if op not in ("linear", "conv") or not node.output_shape or not node.output_elements:
+        return 0
+    calls = node.calls if node.kind == "module" else 1
+    if op == "conv":
+        if model is not None and node.kind == "module":
+            try:
+                return int(model.get_submodule(node.fqn).weight.numel()) * calls
+            except AttributeError:
+                pass
+        return _conv_fan_in(node, model) * node.output_shape[1] * calls
+    width = node.output_shape[-1]
+    if node.kind == "module":
+        # input (M, K) and output (M, N) share M, so K = input elements * N / output elements.
+        return node.input_elements * width * width // node.output_elements * calls
+    shapes = [info.shape for info in _inputs(graph, node) if info.shape]
+    return (shapes[0][-1] if shapes else 1) * width
+
+
 def _inputs(graph: OpGraph, node: Node):
     for producer in graph.graph.predecessors(node.name):
         yield from graph.graph.edges[producer, node.name].get("tensors", [])
@@ -421,6 +535,10 @@ class LatencyCosts:
     nodes: dict[str, tuple[int, int]]
     classes: dict[str, str]
     model: CostModel
+    # int8 time of each Linear module that `merge_dequantize` can merge with a dequantize after it,
+    # without and with a GELU folded in
+    merged: dict[str, int] = field(default_factory=dict)
+    merged_gelu: dict[str, int] = field(default_factory=dict)
 
     def conversion(self, kind: str, elements: int) -> int:
         return max(int(round(self.model.conversion_ns(kind, elements))), 1)
@@ -433,13 +551,21 @@ def latency_costs(graph: OpGraph, cost_model: CostModel, model: nn.Module | None
     ``fused`` names modules that a fusion folds into the module before them (the ReLU of
     Linear+ReLU): in int8 they become an Identity, so they cost one call.
     """
-    nodes, classes = {}, {}
+    nodes, classes, merged, merged_gelu = {}, {}, {}, {}
     for node in graph.nodes():
         op, units = op_class(node, graph, model, (effective_types or {}).get(node.name))
+        weights = weight_elements(node, graph, op, model)
         classes[node.name] = op
-        int8 = cost_model.node_ns("view", 0, "int8") if node.name in fused else cost_model.node_ns(op, units, "int8")
-        nodes[node.name] = (int(round(cost_model.node_ns(op, units, "fp32"))), int(round(int8)))
-    return LatencyCosts(nodes=nodes, classes=classes, model=cost_model)
+        if node.name in fused:
+            int8 = cost_model.node_ns("view", 0, "int8")
+        else:
+            int8 = cost_model.node_ns(op, units, "int8", weights)
+        nodes[node.name] = (int(round(cost_model.node_ns(op, units, "fp32", weights))), int(round(int8)))
+        if op == "linear" and node.kind == "module" and "linear_fp32_output" in cost_model.int8:
+            merged[node.name] = int(round(cost_model.node_ns("linear_fp32_output", units, "int8", weights)))
+        if op == "linear" and node.kind == "module" and "linear_fp32_output_gelu" in cost_model.int8:
+            merged_gelu[node.name] = int(round(cost_model.node_ns("linear_fp32_output_gelu", units, "int8", weights)))
+    return LatencyCosts(nodes=nodes, classes=classes, model=cost_model, merged=merged, merged_gelu=merged_gelu)
 
 
 def plan_latency_costs(graph: OpGraph, plan, cost_model: CostModel, model: nn.Module | None = None) -> LatencyCosts:
@@ -459,17 +585,50 @@ class LatencyEstimate(BaseModel):
     cost_model: str
 
 
-def estimate(graph: OpGraph, domains: dict[str, str], conversions, costs: LatencyCosts) -> LatencyEstimate:
+def estimate(graph: OpGraph, domains: dict[str, str], conversions, costs: LatencyCosts, *,
+             merged: bool = False, folds: dict[str, str] | None = None) -> LatencyEstimate:
     """Predict the forward time of ``graph`` with ``domains`` and ``conversions`` (records with
-    ``kind``, ``module`` and ``position``), every node priced in its domain."""
+    ``kind``, ``module`` and ``position``), every node priced in its domain.
+
+    With ``merged``, price the model after `merge_dequantize` with the same cost model: an int8
+    Linear module with a dequantize at its own output runs as one call with fp32 output where that
+    is cheaper, and that dequantize is gone; ``folds`` maps such Linears to a GELU folded into them,
+    which then costs one Identity call.
+    """
+    merges, folds = set(), folds or {}
+    if merged:
+        merges = {c.module for c in conversions if c.kind == "dequantize" and c.position == "output"
+                  and c.module in costs.merged and domains.get(c.module) == "int8"}
+    folds = {linear: gelu for linear, gelu in folds.items() if linear in merges and linear in costs.merged_gelu}
+    identity = costs.model.node_ns("view", 0, "fp32")
+    for name in sorted(merges):
+        # merge_dequantize keeps the separate calls where the cost model prices them lower.
+        node = graph.node(name)
+        separate = costs.nodes[name][1] + costs.conversion("dequantize", node.output_elements) * node.calls
+        together = costs.merged[name]
+        if name in folds:
+            separate += costs.nodes[folds[name]][0]
+            together = costs.merged_gelu[name] + identity
+        if together > separate:
+            merges.discard(name)
+            folds.pop(name, None)
+    folded = set(folds.values())
     parts: dict[str, float] = {}
     for name, domain in domains.items():
         if name not in costs.nodes or graph.node(name).kind in ("input", "output", "constant"):
             continue
         key = f"{costs.classes[name]} {domain}"
-        parts[key] = parts.get(key, 0.0) + costs.nodes[name][domain == "int8"]
+        if name in merges:
+            ns = costs.merged_gelu[name] if name in folds else costs.merged[name]
+        elif name in folded:
+            ns = identity
+        else:
+            ns = costs.nodes[name][domain == "int8"]
+        parts[key] = parts.get(key, 0.0) + ns
     for conversion in conversions:
         if conversion.module not in graph.graph:
+            continue
+        if conversion.module in merges and conversion.kind == "dequantize" and conversion.position == "output":
             continue
         node = graph.node(conversion.module)
         elements = node.input_elements if conversion.position == "input" else node.output_elements
@@ -479,13 +638,15 @@ def estimate(graph: OpGraph, domains: dict[str, str], conversions, costs: Latenc
 
 
 def predict(model: nn.Module, example_inputs, plan, cost_model: CostModel | None = None, *,
-            example_kwargs: dict | None = None) -> LatencyEstimate:
+            example_kwargs: dict | None = None, merged: bool = False) -> LatencyEstimate:
     """Predict the int8 forward time of ``model`` emitted with ``plan``, on ``example_inputs``.
 
     The model is traced again on these inputs (meta tensors are enough), so one plan can be priced at
     other sequence lengths than it was planned at. ``cost_model`` defaults to the plan's own, then to
-    this machine's cached one.
+    this machine's cached one. ``merged`` prices the converted model after
+``merge_dequantize(converted, plan=plan)``.
     """
+    from .optimize import gelu_folds
     from .plan import _split_inputs
     from .trace import trace
 
@@ -498,4 +659,5 @@ def predict(model: nn.Module, example_inputs, plan, cost_model: CostModel | None
                         "plan the model again on these inputs")
     costs = plan_latency_costs(graph, plan, cost_model, model)
     domains = {n.name: plan.nodes[n.name].domain for n in graph.nodes()}
-    return estimate(graph, domains, plan.boundaries, costs)
+    folds = gelu_folds(plan) if merged else {}
+    return estimate(graph, domains, plan.boundaries, costs, merged=merged, folds=folds)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -334,11 +335,13 @@ def _check_latency(model: nn.Module, converted: nn.Module, args, kwargs, plan: P
         with torch.no_grad():
             for _ in range(2):
                 _run(converted, args, kwargs)
-            times = []
+            times, faults = [], []
             for _ in range(5):
+                faulted = _page_faults()
                 started = time.perf_counter()
                 _run(converted, args, kwargs)
                 times.append((time.perf_counter() - started) * 1000)
+                faults.append(_page_faults() - faulted)
     finally:
         torch.set_num_threads(threads)
     measured = statistics.median(times)
@@ -348,7 +351,25 @@ def _check_latency(model: nn.Module, converted: nn.Module, args, kwargs, plan: P
     if abs(error) > LATENCY_TOLERANCE:
         check.detail += ("; outside the expected range: recalibrate on an idle machine (`qat-planner calibrate`), "
                          "and note that small models spend most of their time in Python code the cost model does not price")
+    fresh_mb = statistics.median(faults) * _PAGE_BYTES / 2**20
+    if fresh_mb >= 1:
+        # glibc hands buffers over 128 KiB to the OS when they are freed, then maps them again.
+        check.detail += (f"; each forward page-faults on about {fresh_mb:.0f} MB of new memory, time the cost model "
+                         "does not price: a caching allocator (jemalloc or tcmalloc through LD_PRELOAD) or "
+                         "MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824 keeps freed buffers")
     return check
+
+
+_PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def _page_faults() -> int:
+    """Minor page faults of this process so far; 0 where the platform does not count them."""
+    try:
+        import resource
+    except ImportError:
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def recalibrate(model: nn.Module, forward) -> None:

@@ -15,9 +15,10 @@ from typer.testing import CliRunner
 import planner
 from conftest import small_gpt2_config
 from planner.cli import app
-from planner.costs import CostModel, OpCost, calibrate, latency_costs, op_class, predict
+from planner.costs import CostModel, OpCost, _fit, calibrate, latency_costs, op_class, predict, weight_elements
 from planner.errors import PlanError
 from planner.models import resolve_model
+from planner.optimize import merged_from_rows
 from planner.trace import trace
 from planner.validate import validate
 
@@ -101,6 +102,20 @@ def test_latency_plan_validates_and_reports_measured_time():
     assert "11 of 11 checks passed" in report.render()  # the timing is reported, not counted
 
 
+def test_validate_page_fault_hint(monkeypatch):
+    # Stand in for glibc returning a 25 MB buffer to the OS after every forward: 6400 faults of 4 KiB.
+    counter = iter(range(0, 10**9, 6400))
+    monkeypatch.setattr("planner.validate._page_faults", lambda: next(counter))
+    monkeypatch.setattr("planner.validate._PAGE_BYTES", 4096)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.LayerNorm(16))
+    inputs = (torch.randn(4, 16),)
+    plan = planner.plan(model, inputs, objective="latency", cost_model=cost_model(20.0))
+    timing = validate(model, inputs, plan).checks[-1]
+    assert timing.detail.endswith("; each forward page-faults on about 25 MB of new memory, time the cost model does not "
+                                  "price: a caching allocator (jemalloc or tcmalloc through LD_PRELOAD) or "
+                                  "MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824 keeps freed buffers")
+
+
 def test_predict_prices_other_lengths(gpt2_small):
     model, inputs = gpt2_small
     plan = planner.plan(model, inputs, objective="latency", cost_model=cost_model(20.0))
@@ -126,21 +141,75 @@ def test_calibrate_measures_every_class():
     model = calibrate(threads=1, quick=True, budget=0.02)
     assert set(model.fp32) >= {"linear", "conv", "attention", "matmul", "softmax", "embedding", "norm", "gelu",
                                "gelu_formula", "relu", "add", "elementwise", "copy", "view"}
-    assert set(model.int8) == {"linear", "conv", "gelu", "relu", "copy", "view"}
+    assert set(model.int8) == {"linear", "linear_fp32_output", "linear_fp32_output_gelu", "conv", "gelu", "relu", "copy", "view"}
     assert model.threads == 1
     assert model.torch == torch.__version__
-    assert all(c.fixed_us >= 0 and c.ns_per_unit >= 0 for c in [*model.fp32.values(), *model.int8.values()])
+    assert all(c.fixed_us >= 0 and c.ns_per_unit >= 0 and c.ns_per_weight >= 0
+               for c in [*model.fp32.values(), *model.int8.values()])
     # The reason int8 exists: a multiply-accumulate is cheaper than in fp32 (4x on x86 here).
     assert model.int8["linear"].ns_per_unit < model.fp32["linear"].ns_per_unit
+
+
+def test_calibrated_linear_weight_term():
+    # At one token a GPT-2 projection reads 2.4 MB of fp32 weight for 0.6 M multiply-accumulates:
+    # the weight term is what makes the one-token time right.
+    model = calibrate(threads=1, quick=True, budget=0.02)
+    assert model.fp32["linear"].ns_per_weight > 0
+
+
+def test_fit_exact_times():
+    # 10 us per call, 2 ns per unit, 0.5 ns per weight element.
+    points = [(u, w, 10e-6 + 2e-9 * u + 0.5e-9 * w) for u, w in [(1e3, 1e4), (1e5, 1e4), (1e5, 1e6), (1e7, 1e6), (1e6, 1e5)]]
+    fitted = _fit(points)
+    assert (fitted.fixed_us, fitted.ns_per_unit, fitted.ns_per_weight) == pytest.approx((10.0, 2.0, 0.5), rel=1e-6)
+
+
+def test_fit_non_negative():
+    # Time falls as units grow (noise): the fit keeps a fixed cost rather than a negative slope.
+    fitted = _fit([(1.0, 0, 3e-6), (10.0, 0, 2e-6), (100.0, 0, 1e-6)])
+    assert fitted.ns_per_unit == 0.0
+    assert fitted.fixed_us > 0
+
+
+def test_weight_elements_of_gpt2_nodes(gpt2_small):
+    model, inputs = gpt2_small
+    graph = trace(model, (), {**inputs, "use_cache": False})
+    assert weight_elements(graph.node("transformer.h.0.attn.c_attn"), graph, "linear") == 768 * 2304
+    assert weight_elements(graph.node("lm_head"), graph, "linear") == 768 * 50257
+    attention = next(n for n in graph.nodes() if n.op == "scaled_dot_product_attention")
+    assert weight_elements(attention, graph, "attention") == 0
+
+
+def test_predict_after_merge_dequantize(gpt2_small):
+    model, inputs = gpt2_small
+    costs = cost_model(20.0)
+    costs.int8["linear_fp32_output"] = OpCost(fixed_us=3.0, ns_per_unit=0.005)
+    plan = planner.plan(model, inputs, objective="latency", cost_model=costs)
+    separate = predict(model, inputs, plan, costs)
+    merged = predict(model, inputs, plan, costs, merged=True)
+    # With these costs every projection ends its own int8 island, so all 49 dequantizes merge:
+    # each saves its dequantize and pays 2 us more for the merged call.
+    merges = [b for b in plan.boundaries if b.kind == "dequantize" and b.position == "output"
+              and plan.nodes[b.module].type.endswith(("Conv1D", "Linear"))]
+    assert len(merges) == 12 * 4 + 1
+    saved_dequantize = sum(costs.conversion_ns("dequantize", elements)
+                           for elements in [128 * 2304, 128 * 768, 128 * 3072, 128 * 768] * 12 + [128 * 50257]) / 1e6
+    extra_fixed = len(merges) * 2.0 / 1000
+    assert merged.total_ms == pytest.approx(separate.total_ms - saved_dequantize + extra_fixed, abs=1e-3)
 
 
 def test_cost_model_file_errors(tmp_path):
     broken = tmp_path / "costs.json"
     fix = f"; write one with `qat-planner calibrate --out {broken}`"
-    broken.write_text('{"version": 1, "torch": "2.13.0"}')
+    broken.write_text('{"version": 2, "torch": "2.13.0"}')
     with pytest.raises(PlanError) as info:
         CostModel.load(broken)
     assert str(info.value) == f"{broken}: not a qat-planner cost model (engine: Field required){fix}"
+    broken.write_text('{"version": 1, "torch": "2.13.0"}')
+    with pytest.raises(PlanError) as info:
+        CostModel.load(broken)
+    assert str(info.value) == (f"{broken}: cost model format 1 is from another qat-planner version (this one reads "
+                               f"format 2); calibrate again with `qat-planner calibrate --out {broken}`")
     broken.write_text("not json")
     with pytest.raises(PlanError) as info:
         CostModel.load(broken)
@@ -181,36 +250,41 @@ def test_cli_show_without_cache_names_the_fix(tmp_path, monkeypatch):
     assert "cannot read cost model: No such file or directory; write one with `qat-planner calibrate --out " in str(result.exception)
 
 
-def test_merge_dequantize_returns_the_unrounded_linear_output():
+def convert_on_x86(model: torch.nn.Module, inputs: tuple, plan=None) -> torch.nn.Module:
+    """Emit ``model`` with ``plan`` (default: the bytes plan), observe one forward and convert on x86."""
     torch.backends.quantized.engine = "x86"
+    emitted = planner.emit(model, plan or planner.plan(model, inputs))
+    tq.prepare_qat(emitted, inplace=True)
+    emitted(*inputs)
+    return tq.convert(emitted.eval())
+
+
+def test_merge_dequantize_returns_the_unrounded_linear_output():
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.LayerNorm(32))
     inputs = torch.randn(8, 16, generator=torch.Generator().manual_seed(1))
-    emitted = planner.emit(model, planner.plan(model, (inputs,)))
-    tq.prepare_qat(emitted, inplace=True)
-    emitted(inputs)
-    converted = tq.convert(emitted.eval())
-    merged = planner.merge_dequantize(converted)
+    int8 = convert_on_x86(model, (inputs,))
+    merged = planner.merge_dequantize(int8)
 
     wrapper = merged[0]
     assert type(wrapper.module).__name__ == "Int8LinearFloatOutput"
     assert wrapper.output_name is None
-    assert type(converted[0].module).__name__ == "Linear"  # the converted model is not modified
-    assert sorted(merged.state_dict()) == sorted(converted.state_dict())
+    assert type(int8[0].module).__name__ == "Linear"  # the converted model is not modified
+    assert sorted(merged.state_dict()) == sorted(int8.state_dict())
     # The merged Linear computes in fp32 what the int8 kernel accumulates: quantized input times
     # quantized weight plus bias, with no rounding of the output.
-    linear = converted[0].module
-    quantized_input = converted[0].quant_in(inputs)
+    linear = int8[0].module
+    quantized_input = int8[0].quant_in(inputs)
     expected = torch.nn.functional.linear(quantized_input.dequantize(), linear.weight().dequantize(), linear.bias())
     with torch.no_grad():
         assert (wrapper(inputs) - expected).abs().max().item() <= 1e-4
-        rounded = converted[0](inputs)
+        rounded = int8[0](inputs)
     assert (rounded - expected).abs().max().item() > 1e-4  # the converted model rounds to its int8 output
     copied = copy.deepcopy(merged)
     restored = pickle.loads(pickle.dumps(merged))
     with torch.no_grad():
         assert torch.equal(copied(inputs), merged(inputs))
         assert torch.equal(restored(inputs), merged(inputs))
-        merged.load_state_dict(converted.state_dict())
+        merged.load_state_dict(int8.state_dict())
         assert (merged[0](inputs) - expected).abs().max().item() <= 1e-4
 
 
@@ -230,6 +304,98 @@ def test_merge_dequantize_on_gpt2_merges_every_island_end():
         reference, output = converted(ids).logits, merged(ids).logits
     assert (output - reference).abs().max().item() <= 0.2 * reference.abs().max().item()
     assert merged.generate(ids, max_new_tokens=3, do_sample=False).shape == (1, 15)
+
+
+def test_merge_dequantize_folds_gpt2_gelu():
+    model = GPT2LMHeadModel(small_gpt2_config()).eval()
+    ids = {"input_ids": torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(0))}
+    # GELU's int8 kernel is dear here, so the plan runs it in fp32 between c_fc and c_proj.
+    plan = planner.plan(model, ids, objective="latency", cost_model=cost_model(20.0))
+    assert planner.gelu_folds(plan) == {f"transformer.h.{i}.mlp.c_fc": f"transformer.h.{i}.mlp.act" for i in range(2)}
+    emitted = planner.emit(model, plan)
+    tq.prepare_qat(emitted, inplace=True)
+    with torch.no_grad():
+        emitted(**ids)
+    converted = tq.convert(emitted.eval())
+    folded = planner.merge_dequantize(converted, plan=plan)
+    block = folded.transformer.h[0].mlp
+    assert block.c_fc.module.gelu == "tanh"
+    assert type(block.act.module) is torch.nn.Identity
+    assert type(converted.transformer.h[0].mlp.act.module) is torch.nn.GELU  # the converted model is not modified
+    assert sorted(folded.state_dict()) == sorted(converted.state_dict())
+    with torch.no_grad():
+        # c_fc's output skips its int8 rounding before GELU; the logits move by that rounding only.
+        reference, output = converted(**ids).logits, folded(**ids).logits
+        unfolded = planner.merge_dequantize(converted)(**ids).logits
+    assert (output - reference).abs().max().item() <= 0.2 * reference.abs().max().item()
+    assert (output - unfolded).abs().max().item() <= 0.2 * reference.abs().max().item()
+    restored = pickle.loads(pickle.dumps(folded))
+    with torch.no_grad():
+        assert torch.equal(restored(**ids).logits, output)
+
+
+def test_gelu_fold_against_fp32():
+    torch.backends.quantized.engine = "x86"
+    # Wide enough that GELU's dear int8 kernel outweighs the two conversions around an fp32 GELU.
+    model = torch.nn.Sequential(torch.nn.Linear(64, 1024), torch.nn.GELU(approximate="tanh"), torch.nn.Linear(1024, 64))
+    inputs = torch.randn(128, 64, generator=torch.Generator().manual_seed(2))
+    plan = planner.plan(model, (inputs,), objective="latency", cost_model=cost_model(20.0))
+    assert planner.gelu_folds(plan) == {"0": "1"}
+    int8 = convert_on_x86(model, (inputs,), plan)
+    folded = planner.merge_dequantize(int8, plan=plan)
+    linear = int8[0].module
+    quantized_input = int8[0].quant_in(inputs)
+    pre_activation = torch.nn.functional.linear(quantized_input.dequantize(), linear.weight().dequantize(), linear.bias())
+    expected = torch.nn.functional.gelu(pre_activation, approximate="tanh")
+    with torch.no_grad():
+        assert (folded[0](inputs) - expected).abs().max().item() <= 1e-4
+        assert torch.equal(folded[1](expected), expected)  # the GELU module is now an Identity
+
+
+def test_predict_folded_gelu(gpt2_small):
+    model, inputs = gpt2_small
+    costs = cost_model(20.0)
+    costs.int8["linear_fp32_output"] = OpCost(fixed_us=3.0, ns_per_unit=0.005)
+    costs.int8["linear_fp32_output_gelu"] = OpCost(fixed_us=4.0, ns_per_unit=0.005)
+    plan = planner.plan(model, inputs, objective="latency", cost_model=costs)
+    merged = predict(model, inputs, plan, costs, merged=True)
+    # Each block's GELU (1 us + 1 ns per element in fp32) is now an Identity (1 us) and its c_fc
+    # pays 1 us more than a merge without GELU.
+    without = costs.model_copy(deep=True)
+    del without.int8["linear_fp32_output_gelu"]
+    unfolded = predict(model, inputs, plan, without, merged=True)
+    assert merged.total_ms == pytest.approx(unfolded.total_ms - 12 * (128 * 3072 * 1.0 - 1000) / 1e6, abs=1e-3)
+
+
+def test_merged_from_rows_threshold():
+    costs = cost_model(20.0)
+    costs.int8["linear"] = OpCost(fixed_us=20.0, ns_per_unit=0.005)
+    costs.int8["linear_fp32_output"] = OpCost(fixed_us=40.0, ns_per_unit=0.005)
+    # Separate calls cost 20 us + 5 us (dequantize) + 0.1 ns per output element, 100 per row: the
+    # merged call's extra 15 us pays off from 1500 rows, so from 2048, the next power of two.
+    assert merged_from_rows(costs, 100, 100, gelu=False) == 2048
+    costs.int8["linear_fp32_output"] = OpCost(fixed_us=10.0, ns_per_unit=0.005)
+    assert merged_from_rows(costs, 100, 100, gelu=False) == 1
+
+
+def test_merged_linear_below_min_rows():
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.LayerNorm(32))
+    inputs = torch.randn(8, 16, generator=torch.Generator().manual_seed(1))
+    int8 = convert_on_x86(model, (inputs,))
+    merged = planner.merge_dequantize(int8)
+    merged[0].module.min_rows = 9
+    with torch.no_grad():
+        assert torch.equal(merged(inputs), int8(inputs))
+        merged[0].module.min_rows = 8
+        assert not torch.equal(merged(inputs), int8(inputs))
+
+
+def test_predict_merge_dearer_than_separate(gpt2_small):
+    model, inputs = gpt2_small
+    costs = cost_model(20.0)
+    costs.int8["linear_fp32_output"] = OpCost(fixed_us=1000.0, ns_per_unit=0.005)
+    plan = planner.plan(model, inputs, objective="latency", cost_model=costs)
+    assert predict(model, inputs, plan, costs, merged=True) == predict(model, inputs, plan, costs)
 
 
 def test_fused_relu_costs_one_call_in_int8():
