@@ -54,15 +54,12 @@ def load_rows(path: Path, required: tuple[str, ...]) -> list[dict[str, Any]]:
     return rows
 
 
-def _label_points(axis: Axes, rows: list[dict[str, Any]]) -> None:
-    """Write each speed-up beside its point: the highest at a length above it, the others below, so labels do not overlap."""
+def _label_best(axis: Axes, rows: list[dict[str, Any]]) -> None:
+    """Write the best speed-up at each length above its point. Only one label per length, because
+    the methods lie close together and their labels would overlap; the tables give every number."""
     for length in {row["seq_len"] for row in rows}:
-        ranked = sorted((row["speedup"] for row in rows if row["seq_len"] == length), reverse=True)
-        for rank, speedup in enumerate(ranked):
-            if speedup == 1.0:
-                continue  # the fp32 reference, already marked by the dashed line
-            axis.annotate(f"{speedup:.2f}x", (length, speedup), textcoords="offset points",
-                          xytext=(0, 6) if rank == 0 else (0, -12), ha="center", fontsize=7)
+        best = max(row["speedup"] for row in rows if row["seq_len"] == length)
+        axis.annotate(f"{best:.2f}x", (length, best), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
 
 
 def plot_speedup(rows: list[dict[str, Any]], output: Path) -> None:
@@ -80,7 +77,7 @@ def plot_speedup(rows: list[dict[str, Any]], output: Path) -> None:
                 continue
             lengths, speedups = zip(*points)
             axis.plot(lengths, speedups, marker="o", label=method)
-        _label_points(axis, [row for row in rows if row["threads"] == threads])
+        _label_best(axis, [row for row in rows if row["threads"] == threads])
         axis.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
         axis.set_xscale("log", base=2)
         axis.set_xticks(seq_lens, [str(length) for length in seq_lens])

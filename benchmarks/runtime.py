@@ -10,15 +10,23 @@ prepare_qat and one observed forward. Methods:
 - ``wrapped, MLP int8``: the same, with c_fc -> GELU -> c_proj kept int8 (the best placement by hand);
 - ``qat-planner bytes``: the default plan (fewest converted elements), emitted by qat-planner;
 - ``qat-planner latency``: the plan of ``objective="latency"`` with the cost model calibrated in this run;
-- ``latency + merge_dequantize``: the same converted model after `planner.merge_dequantize`, which
-  runs each int8 Linear and the dequantize after it as one oneDNN call with fp32 output;
+- ``latency + merge_dequantize``: the same converted model after ``planner.merge_dequantize(converted,
+  plan=plan)``, which runs each int8 Linear and the dequantize after it as one oneDNN call with fp32
+  output, with the MLP's GELU folded into c_fc's call;
 - ``FX graph mode``: a hand-written GPT-2 with the same weights through prepare_qat_fx/convert_fx,
   Linear and GELU quantized, since the Hugging Face model cannot be fx-traced;
 - ``PT2E``, ``PT2E compiled``: torchao's X86InductorQuantizer on the exported model (Conv1D swapped for
   Linear first), run as the converted graph and after torch.compile; skipped when torchao is missing.
 
-Prints min/median/max of repeated runs and the speed-up over fp32, the predicted latency of the
-latency plan next to its measured one, and a profile of the int8 models at the profile length.
+Prints min/median/max of repeated runs, the speed-up over fp32 and the page faults per forward, the
+predicted latency of the latency plan (with and without the merge) next to the measured one, and a
+profile of the int8 models at the profile length.
+
+Every method returns a new vocabulary-sized logits tensor (25 MB at 128 tokens), and glibc's malloc
+hands buffers that large back to the OS when they are freed, so depending on the allocation history a
+forward may page-fault on 25-50 MB of fresh memory and take 10-70 ms longer, at random. The script
+therefore runs itself with glibc told to keep freed memory (the variables in ``MALLOC_SETTINGS``), as
+PyTorch's CPU performance guide advises a caching allocator; ``--system-malloc`` times the default.
 
     python benchmarks/runtime.py [--seq-lens 32 128 512] [--threads 1 2] [--repeats 15] [--json PATH]
 """
@@ -31,7 +39,9 @@ import json
 import math
 import os
 import platform
+import resource
 import statistics
+import sys
 import time
 import warnings
 from collections import defaultdict
@@ -228,10 +238,15 @@ def pt2e(hf: GPT2LMHeadModel, seq_len: int, compiled: bool):
 # ---------------------------------------------------------------- timing and profile
 
 
-def measure(models: dict, ids: torch.Tensor, repeats: int) -> dict[str, list[float]]:
-    """Milliseconds of each model's forward, taken in turns (one run of each per round), so a slow
-    spell of the machine falls on every model rather than on whichever ran then."""
+# glibc keeps freed buffers up to 32 MiB (its largest mmap threshold) and stops returning memory to the OS.
+MALLOC_SETTINGS = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "1073741824"}
+
+
+def measure(models: dict, ids: torch.Tensor, repeats: int) -> tuple[dict[str, list[float]], dict[str, list[int]]]:
+    """Milliseconds and minor page faults of each model's forward, taken in turns (one run of each per
+    round), so a slow spell of the machine falls on every model rather than on whichever ran then."""
     times: dict[str, list[float]] = {name: [] for name in models}
+    faults: dict[str, list[int]] = {name: [] for name in models}
     with torch.no_grad():
         for model in models.values():
             if isinstance(model, nn.Module):
@@ -240,10 +255,12 @@ def measure(models: dict, ids: torch.Tensor, repeats: int) -> dict[str, list[flo
                 model(ids)
         for _ in range(repeats):
             for name, model in models.items():
+                faulted = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
                 started = time.perf_counter()
                 model(ids)
                 times[name].append((time.perf_counter() - started) * 1000)
-    return times
+                faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faulted)
+    return times, faults
 
 
 PROFILE_CATEGORIES = (  # (category, substrings of profiler op names), first match wins
@@ -283,7 +300,11 @@ def main() -> None:
     parser.add_argument("--profile-seq-len", type=int, default=128)
     parser.add_argument("--no-pt2e", action="store_true", help="skip PT2E (its compile takes about a minute per length)")
     parser.add_argument("--json", help="also write the rows, predictions and profiles to this JSON file")
+    parser.add_argument("--system-malloc", action="store_true", help="time with glibc's default settings (see above)")
     args = parser.parse_args()
+    if not args.system_malloc and any(os.environ.get(k) != v for k, v in MALLOC_SETTINGS.items()):
+        # The settings are read when the process starts, so run again with them.
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC_SETTINGS})
     warnings.simplefilter("ignore")
     torch.manual_seed(0)
 
@@ -308,19 +329,20 @@ def main() -> None:
         "latency + merge_dequantize": None,  # filled below from the converted latency model
         "FX graph mode": fx_graph_mode(base, example),
     }
-    eager["latency + merge_dequantize"] = planner.merge_dequantize(eager["qat-planner latency"])
+    eager["latency + merge_dequantize"] = planner.merge_dequantize(eager["qat-planner latency"], plan=latency_plan)
     hand_error = check_hand_written(base, example)
     with torch.no_grad():  # before prepare_qat the stubs are identities, so the placements by hand compute fp32 GPT-2
         placement_error = max((by_hand(base, m)(example).logits - base(example).logits).abs().max().item() for m in (False, True))
 
+    allocator = "glibc defaults" if args.system_malloc else " ".join(f"{k}={v}" for k, v in MALLOC_SETTINGS.items())
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {platform.processor() or 'cpu'}, torch {torch.__version__}, "
-          f"engine {torch.backends.quantized.engine}; GPT-2 small, batch 1, random weights")
+          f"engine {torch.backends.quantized.engine}; GPT-2 small, batch 1, random weights; malloc: {allocator}")
     print(f"cost models calibrated in {calibration_s:.1f} s; latency plan made at seq 128 with the {plan_threads}-thread model: "
           f"{latency_plan.stats.conversions} conversions, MLP activation {latency_plan.nodes['transformer.h.0.mlp.act'].domain}")
     print(f"hand-written GPT-2 for FX matches the Hugging Face logits within {hand_error:.1e}; "
           f"the placements by hand before prepare_qat within {placement_error:.1e}")
     print()
-    print(f"{'threads':>7} {'seq':>5} {'method':27} {'ms min/median/max':>24} {'speed-up':>9}")
+    print(f"{'threads':>7} {'seq':>5} {'method':27} {'ms min/median/max':>24} {'speed-up':>9} {'faults/fwd':>10}")
     rows, predictions, builds = [], [], {}
     compiled_for_profile = None
     for seq_len in args.seq_lens:
@@ -338,24 +360,28 @@ def main() -> None:
         for threads in args.threads:
             torch.set_num_threads(threads)
             reference = None
-            measured_times = measure(models, ids, args.repeats)
+            measured_times, measured_faults = measure(models, ids, args.repeats)
             for name, times in measured_times.items():
                 median = statistics.median(times)
                 reference = reference or median
+                faults = statistics.median(measured_faults[name])
                 row = {"threads": threads, "seq_len": seq_len, "method": name, "ms_min": min(times), "ms_median": median,
-                       "ms_max": max(times), "speedup": reference / median}
+                       "ms_max": max(times), "speedup": reference / median, "page_faults": faults}
                 rows.append(row)
-                print(f"{threads:>7} {seq_len:>5} {name:27} {min(times):7.1f} {median:7.1f} {max(times):7.1f} {row['speedup']:8.2f}x")
-            measured = next(r["ms_median"] for r in rows[::-1] if r["method"] == "qat-planner latency")
+                print(f"{threads:>7} {seq_len:>5} {name:27} {min(times):7.1f} {median:7.1f} {max(times):7.1f} "
+                      f"{row['speedup']:8.2f}x {faults:10.0f}")
             inputs = {"input_ids": torch.zeros(1, seq_len, dtype=torch.long, device="meta")}
-            predicted = predict(meta, inputs, latency_plan, cost_models[threads]).total_ms
-            predictions.append({"threads": threads, "seq_len": seq_len, "predicted_ms": predicted, "measured_ms": measured})
+            for method, merged in (("qat-planner latency", False), ("latency + merge_dequantize", True)):
+                measured = next(r["ms_median"] for r in rows[::-1] if r["method"] == method)
+                predicted = predict(meta, inputs, latency_plan, cost_models[threads], merged=merged).total_ms
+                predictions.append({"threads": threads, "seq_len": seq_len, "method": method,
+                                    "predicted_ms": predicted, "measured_ms": measured})
 
     print()
     print("latency plan: predicted against measured int8 forward")
-    print(f"{'threads':>7} {'seq':>5} {'predicted ms':>13} {'measured ms':>12} {'error':>7}")
+    print(f"{'threads':>7} {'seq':>5} {'method':27} {'predicted ms':>13} {'measured ms':>12} {'error':>7}")
     for p in predictions:
-        print(f"{p['threads']:>7} {p['seq_len']:>5} {p['predicted_ms']:13.1f} {p['measured_ms']:12.1f} "
+        print(f"{p['threads']:>7} {p['seq_len']:>5} {p['method']:27} {p['predicted_ms']:13.1f} {p['measured_ms']:12.1f} "
               f"{p['predicted_ms'] / p['measured_ms'] - 1:+7.0%}")
 
     best_hand = {}
@@ -383,7 +409,7 @@ def main() -> None:
     profiles = {name: profile(model, ids) for name, model in profiled.items()}
     categories = list(next(iter(profiles.values())))
     print()
-    print(f"profile at seq {args.profile_seq_len}, {plan_threads} threads: share of self CPU time")
+    print(f"profile at seq {args.profile_seq_len}, {plan_threads} thread{'s' if plan_threads != 1 else ''}: share of self CPU time")
     print(f"{'method':27} " + " ".join(f"{c:>14}" for c in categories))
     for name, shares in profiles.items():
         print(f"{name:27} " + " ".join(f"{shares[c]:14.1%}" for c in categories))
