@@ -274,7 +274,7 @@ def qat_command(
 def calibrate_command(
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch threads to measure with; plans for that thread count use it. Default: torch's current count."),
     out: Optional[Path] = typer.Option(None, "--out", dir_okay=False, help="Write the cost model here instead of the cache."),
-    quick: bool = typer.Option(False, "--quick", help="Fewer sizes: about 10 s instead of 15, less exact."),
+    quick: bool = typer.Option(False, "--quick", help="Fewer sizes: about 12 s instead of 18, less exact."),
     show: bool = typer.Option(False, "--show", help="Print the cached cost model without measuring."),
 ) -> None:
     """Measure this machine's cost of quantize, dequantize and each op class, for --objective latency."""
@@ -313,7 +313,7 @@ def _cost_model(objective: Objective, path: Optional[Path]):
 
     cached = default_cost_model_path()
     if path is None and not cached.exists():
-        error_console.print(f"no cost model for this machine yet; calibrating once (about 15 s) and caching it in {cached}",
+        error_console.print(f"no cost model for this machine yet; calibrating once (about 20 s) and caching it in {cached}",
                             highlight=False, soft_wrap=True)
     return load_cost_model(path)
 

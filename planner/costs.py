@@ -9,8 +9,11 @@ every projection streams its weight from memory, and at a few tokens that takes 
 arithmetic. Linears are therefore timed the way a model runs them, in turn over more distinct
 modules than the last-level cache holds. The fit minimises relative error, so small calls are priced
 as well as large ones. Quantize and dequantize are timed the way an emitted model runs them: a stub
-inside a `StubWrapper`. The fitted model is cached per torch version, quantized engine, thread count
-and CPU, because it is valid for nothing else.
+inside a `StubWrapper`. Last, a forward of reference transformer blocks is timed against the sum of
+its ops' fitted times; the difference per op (``overhead_us``: the Python between ops, and worker
+threads that went idle and wake up for each op) is charged to every op and conversion. The fitted
+model is cached per torch version, quantized engine, thread count and CPU, because it is valid for
+nothing else.
 
 The cut then minimises predicted latency: a node that may run in either domain pays its int8 or fp32
 time, and a conversion pays its quantize or dequantize time.
@@ -94,6 +97,9 @@ class CostModel(BaseModel):
     dequantize: OpCost
     fp32: dict[str, OpCost]
     int8: dict[str, OpCost]
+    # What each op and conversion takes in a model's forward beyond its time in a loop of its own:
+    # the Python between ops, and worker threads that went idle between them and must wake up.
+    overhead_us: float = 0.0
 
     def describe(self) -> str:
         return f"torch {self.torch}, engine {self.engine}, {self.threads} threads, {self.cpu}"
@@ -101,10 +107,10 @@ class CostModel(BaseModel):
     def node_ns(self, op: str, units: int, domain: str, weights: int = 0) -> float:
         table = self.int8 if domain == "int8" and op in self.int8 else self.fp32
         cost = table.get(op) or self.fp32["elementwise"]
-        return cost.ns(units, weights)
+        return cost.ns(units, weights) + self.overhead_us * 1000.0
 
     def conversion_ns(self, kind: str, elements: int) -> float:
-        return (self.quantize if kind == "quantize" else self.dequantize).ns(elements)
+        return (self.quantize if kind == "quantize" else self.dequantize).ns(elements) + self.overhead_us * 1000.0
 
     def save(self, path: str | Path) -> None:
         path = Path(path)
@@ -399,8 +405,45 @@ def _cases(quick: bool) -> dict[tuple[str, str], list[Case]]:
     return cases
 
 
+class _ReferenceBlock(nn.Module):
+    """A pre-norm transformer block written as model code usually is, to measure what ops cost in a forward."""
+
+    def __init__(self, width: int = 768, heads: int = 12):
+        super().__init__()
+        self.heads = heads
+        self.ln_1, self.ln_2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.qkv, self.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
+        self.fc, self.act, self.out = nn.Linear(width, 4 * width), nn.GELU(approximate="tanh"), nn.Linear(4 * width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, width = x.shape
+        q, k, v = self.qkv(self.ln_1(x)).split(width, dim=-1)
+        q, k, v = (t.view(batch, length, self.heads, -1).transpose(1, 2) for t in (q, k, v))
+        attended = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(attended.transpose(1, 2).reshape(batch, length, width))
+        return x + self.out(self.act(self.fc(self.ln_2(x))))
+
+
+def _overhead_us(cost_model: CostModel, budget: float) -> float:
+    """Time of a forward of reference blocks beyond the sum of their ops' calibrated times, per op.
+
+    The blocks run at 32 tokens, where the overhead is a large share of the time and so is measured
+    well. Each op pays it once, whatever its size.
+    """
+    from .trace import trace
+
+    model = nn.Sequential(*[_ReferenceBlock() for _ in range(4)]).eval()
+    x = torch.randn(1, 32, 768, generator=torch.Generator().manual_seed(0))
+    graph = trace(model, (x,))
+    costs = latency_costs(graph, cost_model, model)
+    ops = [n.name for n in graph.nodes() if n.kind in ("module", "op")]
+    predicted = sum(costs.nodes[name][0] for name in ops) / 1e9
+    measured = _seconds_per_call(lambda: model(x), budget * 4)
+    return max(0.0, (measured - predicted) / len(ops) * 1e6)
+
+
 def calibrate(threads: int | None = None, *, quick: bool = False, budget: float = 0.08) -> CostModel:
-    """Time every op class on this machine and return the fitted `CostModel` (about 15 s; 5 s with ``quick``).
+    """Time every op class on this machine and return the fitted `CostModel` (about 18 s; 12 s with ``quick``).
 
     ``threads`` sets torch's thread count for the measurement (and is restored after); the model is
     valid for that thread count only. ``budget`` is the seconds spent timing one call size.
@@ -417,11 +460,13 @@ def calibrate(threads: int | None = None, *, quick: bool = False, budget: float 
         fitted: dict[str, dict[str, OpCost]] = {"fp32": {}, "int8": {}, "-": {}}
         for (op, domain), calls in _cases(quick).items():
             fitted[domain][op] = _fit([(units, weights, _seconds_per_call(build(), budget)) for units, weights, build in calls])
-        return CostModel(
+        model = CostModel(
             torch=torch.__version__, engine=_engine(), cpu=_cpu_name(), threads=torch.get_num_threads(),
             calibrated_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             quantize=fitted["-"]["quantize"], dequantize=fitted["-"]["dequantize"], fp32=fitted["fp32"], int8=fitted["int8"],
         )
+        model.overhead_us = _overhead_us(model, budget)
+        return model
     finally:
         torch.set_num_threads(previous)
 

@@ -146,6 +146,7 @@ def test_calibrate_measures_every_class():
     assert model.torch == torch.__version__
     assert all(c.fixed_us >= 0 and c.ns_per_unit >= 0 and c.ns_per_weight >= 0
                for c in [*model.fp32.values(), *model.int8.values()])
+    assert model.overhead_us >= 0
     # The reason int8 exists: a multiply-accumulate is cheaper than in fp32 (4x on x86 here).
     assert model.int8["linear"].ns_per_unit < model.fp32["linear"].ns_per_unit
 
@@ -155,6 +156,17 @@ def test_calibrated_linear_weight_term():
     # the weight term is what makes the one-token time right.
     model = calibrate(threads=1, quick=True, budget=0.02)
     assert model.fp32["linear"].ns_per_weight > 0
+
+
+def test_overhead_charged_per_op_and_conversion(gpt2_small):
+    model, inputs = gpt2_small
+    graph = trace(model, (), {**inputs, "use_cache": False})
+    plain, slowed = cost_model(20.0), cost_model(20.0)
+    slowed.overhead_us = 10.0
+    before, after = latency_costs(graph, plain), latency_costs(graph, slowed)
+    assert after.nodes["transformer.h.0.ln_1"] == (before.nodes["transformer.h.0.ln_1"][0] + 10_000,
+                                                  before.nodes["transformer.h.0.ln_1"][1] + 10_000)
+    assert after.conversion("quantize", 1000) == before.conversion("quantize", 1000) + 10_000
 
 
 def test_fit_exact_times():
