@@ -69,7 +69,7 @@ def plot_speedup(rows: list[dict[str, Any]], output: Path) -> None:
     seq_lens = sorted({row["seq_len"] for row in rows})
     top = max(row["speedup"] for row in rows)
 
-    figure, axes = plt.subplots(1, len(thread_counts), figsize=(5.2 * len(thread_counts), 4.2), sharey=True, squeeze=False)
+    figure, axes = plt.subplots(1, len(thread_counts), figsize=(5.2 * len(thread_counts), 4.8), sharey=True, squeeze=False)
     for axis, threads in zip(axes[0], thread_counts):
         for method in methods:
             points = sorted((row["seq_len"], row["speedup"]) for row in rows if row["threads"] == threads and row["method"] == method)
@@ -87,9 +87,11 @@ def plot_speedup(rows: list[dict[str, Any]], output: Path) -> None:
         axis.set_xlabel("sequence length (tokens)")
         axis.grid(True, alpha=0.3)
     axes[0][0].set_ylabel("speed-up over fp32 (fp32 median / median)")
-    axes[0][-1].legend(loc="upper right", fontsize=8)
+    # Below the panels, where it covers no line.
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=5, fontsize=8, frameon=False)
     figure.suptitle("GPT-2 small int8 forward latency: speed-up over fp32 (batch 1)")
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0.1, 1, 1))
     figure.savefig(output, dpi=150)
     plt.close(figure)
 

@@ -25,8 +25,8 @@ profile of the int8 models at the profile length.
 Every method returns a new vocabulary-sized logits tensor (25 MB at 128 tokens), and glibc's malloc
 hands buffers that large back to the OS when they are freed, so depending on the allocation history a
 forward may page-fault on 25-50 MB of fresh memory and take 10-70 ms longer, at random. The script
-therefore runs itself with glibc told to keep freed memory (the variables in ``MALLOC_SETTINGS``), as
-PyTorch's CPU performance guide advises a caching allocator; ``--system-malloc`` times the default.
+therefore runs itself with glibc told to keep freed memory (the variables in ``MALLOC_SETTINGS``), which
+a caching allocator such as jemalloc or tcmalloc does too; ``--system-malloc`` times the default.
 
     python benchmarks/runtime.py [--seq-lens 32 128 512] [--threads 1 2] [--repeats 15] [--json PATH]
 """
