@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .errors import ModelSpecError, PlannerError
+from .errors import ModelSpecError, PlanError, PlannerError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Plan QuantStub/DeQuantStub placement for eager-mode QAT.")
 console = Console()
@@ -284,6 +284,9 @@ def calibrate_command(
 
     path = out or default_cost_model_path(threads)
     if show:
+        if out is None and not path.exists():
+            command = "qat-planner calibrate" + (f" --threads {threads}" if threads else "")
+            raise PlanError(f"no cost model for this machine at {path}; write one with `{command}`")
         model = CostModel.load(path)
     else:
         with console.status("timing op classes", spinner="dots") if console.is_terminal else _nothing():
@@ -308,14 +311,23 @@ def calibrate_command(
 def _cost_model(objective: Objective, path: Optional[Path]):
     """Return the cost model for --objective latency: the named file, else the cache, measured now if missing."""
     if objective is not Objective.latency:
+        if path is not None:
+            raise typer.BadParameter(f"{path} is a cost model, used only with --objective latency; add that option "
+                                     "or leave --cost-model out", param_hint="--cost-model")
         return None
     from .costs import default_cost_model_path, load_cost_model
 
     cached = default_cost_model_path()
     if path is None and not cached.exists():
-        error_console.print(f"no cost model for this machine yet; calibrating once (about 20 s) and caching it in {cached}",
+        error_console.print(f"no cost model for this machine yet; calibrating once (about 20 s on an idle machine) "
+                            f"and caching it in {cached}", highlight=False, soft_wrap=True)
+    model = load_cost_model(path)
+    differences = model.mismatches()
+    if differences:
+        error_console.print(f"warning: the cost model was measured with {', '.join(differences)}; its predictions "
+                            "are for that setting. Run `qat-planner calibrate` here for one that fits",
                             highlight=False, soft_wrap=True)
-    return load_cost_model(path)
+    return model
 
 
 def _show_each_warning_once() -> None:

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Callable, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
 from .errors import PlanError, PlannerWarning
@@ -70,9 +70,9 @@ class OpCost(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    fixed_us: float
-    ns_per_unit: float
-    ns_per_weight: float = 0.0
+    fixed_us: float = Field(ge=0)
+    ns_per_unit: float = Field(ge=0)
+    ns_per_weight: float = Field(default=0.0, ge=0)
 
     def ns(self, units: float, weights: float = 0) -> float:
         return self.fixed_us * 1000.0 + self.ns_per_unit * units + self.ns_per_weight * weights
@@ -99,10 +99,22 @@ class CostModel(BaseModel):
     int8: dict[str, OpCost]
     # What each op and conversion takes in a model's forward beyond its time in a loop of its own:
     # the Python between ops.
-    overhead_us: float = 0.0
+    overhead_us: float = Field(default=0.0, ge=0)
 
     def describe(self) -> str:
-        return f"torch {self.torch}, engine {self.engine}, {self.threads} threads, {self.cpu}"
+        threads = f"{self.threads} thread{'s' if self.threads != 1 else ''}"
+        return f"torch {self.torch}, engine {self.engine}, {threads}, {self.cpu}"
+
+    def mismatches(self) -> list[str]:
+        """Where this process differs from the machine state the model was measured in."""
+        found = []
+        if self.torch != torch.__version__:
+            found.append(f"torch {self.torch}, not {torch.__version__}")
+        if self.engine != _engine():
+            found.append(f"engine {self.engine}, not {_engine()}")
+        if self.threads != torch.get_num_threads():
+            found.append(f"{self.threads} threads, not {torch.get_num_threads()}")
+        return found
 
     def node_ns(self, op: str, units: int, domain: str, weights: int = 0) -> float:
         table = self.int8 if domain == "int8" and op in self.int8 else self.fp32
@@ -194,8 +206,16 @@ def load_cost_model(path: str | Path | None = None, *, calibrate_if_missing: boo
     if not calibrate_if_missing:
         raise PlanError(f"no cost model for this machine at {cached}; run `qat-planner calibrate` first")
     logger.info("no cost model at %s; calibrating (a few seconds, once per torch version, engine, CPU and thread count)", cached)
-    model = calibrate()
-    model.save(cached)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", PlannerWarning)
+        model = calibrate()
+    if any(issubclass(w.category, PlannerWarning) for w in caught):
+        # Timings taken while other processes ran would be reused by every later plan.
+        warnings.warn(f"the machine was busy while calibrating, so the cost model is used for this plan only and not "
+                      f"cached; run `qat-planner calibrate` on an idle machine to cache one at {cached}",
+                      PlannerWarning, stacklevel=2)
+    else:
+        model.save(cached)
     return model
 
 

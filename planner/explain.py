@@ -91,6 +91,10 @@ def explain(plan: Plan, name: str) -> str:
 def _passthrough_reason(plan: Plan, name: str) -> str:
     """Explain the domain of a passthrough node: the nearest rule-fixed node it must agree with."""
     domain = plan.nodes[name].domain
+    if plan.objective == "latency":
+        other = "int8" if domain == "fp32" else "fp32"
+        return (f"the latency cut priced it lower in {domain}: its predicted time there, with the conversions "
+                f"that placement needs, is below its time in {other} (the plan's latency line gives the split)")
     for position, verb in (("output", "leads to"), ("input", "comes from")):
         fixed = _fixed_neighbour(plan, name, position)
         if fixed is None or fixed == name:

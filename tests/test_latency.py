@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -15,8 +16,9 @@ from typer.testing import CliRunner
 import planner
 from conftest import small_gpt2_config
 from planner.cli import app
-from planner.costs import CostModel, OpCost, _fit, calibrate, latency_costs, op_class, predict, weight_elements
-from planner.errors import PlanError
+from planner.costs import CostModel, OpCost, _fit, calibrate, default_cost_model_path, load_cost_model, latency_costs, op_class, predict, weight_elements
+from planner.errors import PlanError, PlannerWarning
+from planner.explain import explain
 from planner.models import resolve_model
 from planner.optimize import merged_from_rows
 from planner.trace import trace
@@ -114,6 +116,14 @@ def test_validate_page_fault_hint(monkeypatch):
     assert timing.detail.endswith("; each forward page-faults on about 25 MB of new memory, time the cost model does not "
                                   "price: a caching allocator (jemalloc or tcmalloc through LD_PRELOAD) or "
                                   "MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824 keeps freed buffers")
+
+
+def test_explain_latency_placement(gpt2_small):
+    model, inputs = gpt2_small
+    plan = planner.plan(model, inputs, objective="latency", cost_model=cost_model(20.0))
+    text = explain(plan, "transformer.h.0.mlp.act")
+    assert ("the latency cut priced it lower in fp32: its predicted time there, with the conversions that placement "
+            "needs, is below its time in int8") in text
 
 
 def test_predict_prices_other_lengths(gpt2_small):
@@ -245,7 +255,7 @@ def test_cli_calibrate_then_plan_for_latency(tmp_path, monkeypatch):
     result = runner.invoke(app, ["plan", "gpt2-tiny", "--seq-len", "32", "--objective", "latency", "--cost-model", str(costs),
                                  "--format", "json"], env=env)
     assert result.exit_code == 0, result.output
-    data = json.loads(result.output)
+    data = json.loads(result.stdout)  # stderr carries the warning that the cost model is from torch "test"
     assert data["objective"] == "latency"
     assert data["nodes"]["transformer.h.0.mlp.act"]["domain"] == "fp32"
     assert data["latency"]["cost_model"] == "torch test, engine x86, 2 threads, test"
@@ -259,7 +269,7 @@ def test_cli_show_without_cache_names_the_fix(tmp_path, monkeypatch):
     monkeypatch.setenv("QAT_PLANNER_CACHE", str(tmp_path))
     result = runner.invoke(app, ["calibrate", "--show"], env={"NO_COLOR": "1"})
     assert result.exit_code != 0
-    assert "cannot read cost model: No such file or directory; write one with `qat-planner calibrate --out " in str(result.exception)
+    assert str(result.exception) == f"no cost model for this machine at {default_cost_model_path()}; write one with `qat-planner calibrate`"
 
 
 def convert_on_x86(model: torch.nn.Module, inputs: tuple, plan=None) -> torch.nn.Module:
@@ -269,6 +279,46 @@ def convert_on_x86(model: torch.nn.Module, inputs: tuple, plan=None) -> torch.nn
     tq.prepare_qat(emitted, inplace=True)
     emitted(*inputs)
     return tq.convert(emitted.eval())
+
+
+def test_cli_cost_model_needs_latency_objective(tmp_path):
+    costs = tmp_path / "costs.json"
+    cost_model(20.0).save(costs)
+    result = runner.invoke(app, ["plan", "gpt2-tiny", "--cost-model", str(costs)], env={"NO_COLOR": "1", "COLUMNS": "300"})
+    assert result.exit_code == 2
+    assert "is a cost model, used only with --objective latency; add that option or leave --cost-model out" in result.output
+
+
+def test_cli_warns_of_cost_model_from_another_setting(tmp_path):
+    costs = tmp_path / "costs.json"
+    cost_model(20.0).save(costs)  # torch "test", 2 threads
+    result = runner.invoke(app, ["plan", "gpt2-tiny", "--seq-len", "16", "--objective", "latency", "--cost-model", str(costs)],
+                           env={"NO_COLOR": "1", "COLUMNS": "300"})
+    assert result.exit_code == 0, result.output
+    assert f"warning: the cost model was measured with torch test, not {torch.__version__}" in result.output
+
+
+def test_cost_model_rejects_negative_costs(tmp_path):
+    broken = tmp_path / "costs.json"
+    data = json.loads(cost_model(20.0).model_dump_json())
+    data["fp32"]["linear"]["fixed_us"] = -1.0
+    broken.write_text(json.dumps(data))
+    with pytest.raises(PlanError, match=r"fp32\.linear\.fixed_us: Input should be greater than or equal to 0"):
+        CostModel.load(broken)
+
+
+def test_busy_first_calibration_is_not_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("QAT_PLANNER_CACHE", str(tmp_path))
+
+    def busy_calibration():
+        warnings.warn("the machine is busy", PlannerWarning)
+        return cost_model(20.0)
+
+    monkeypatch.setattr("planner.costs.calibrate", busy_calibration)
+    with pytest.warns(PlannerWarning, match="used for this plan only and not cached"):
+        model = load_cost_model()
+    assert model.threads == 2
+    assert not default_cost_model_path().exists()
 
 
 def test_merge_dequantize_returns_the_unrounded_linear_output():
