@@ -178,8 +178,9 @@ def merge_dequantize(model: nn.Module, *, plan=None, cost_model=None, inplace: b
 def _foldable_gelu(model: nn.Module, name: str | None) -> tuple[nn.Module | None, str]:
     """Where the GELU the plan names sits in the converted model: (the module holding it, its key).
 
-    The GELU may sit in a StubWrapper without stubs, because emit wraps substituted modules. A GELU
-    with a stub around it, or any other module, is not folded: the holder is then None.
+    The GELU may sit in a StubWrapper, because emit wraps substituted modules, and the wrapper may
+    quantize its output: the Identity left in its place passes the folded GELU's output to that
+    stub. A GELU with an input stub, or any other module, is not folded: the holder is then None.
     """
     if name is None:
         return None, ""
@@ -189,7 +190,7 @@ def _foldable_gelu(model: nn.Module, name: str | None) -> tuple[nn.Module | None
     except AttributeError:
         return None, ""
     module = holder._modules.get(key)
-    if isinstance(module, StubWrapper) and not module.input_name and not module.output_name:
+    if isinstance(module, StubWrapper) and not module.input_name and module.output_name in (None, "quant_out"):
         holder, key, module = module, "module", module._modules["module"]
     if type(module) is nn.GELU and module.approximate in _GELU_ALGORITHMS:
         return holder, key

@@ -346,7 +346,8 @@ def _check_latency(model: nn.Module, converted: nn.Module, args, kwargs, plan: P
         torch.set_num_threads(threads)
     measured = statistics.median(times)
     error = predicted / measured - 1
-    check.detail = (f"predicted {predicted:.2f} ms, measured {measured:.2f} ms at this input (median of 5, "
+    shapes = ", ".join(f"{name} {tuple(shape)}" for name, shape in _input_shapes(args, kwargs).items())
+    check.detail = (f"predicted {predicted:.2f} ms, measured {measured:.2f} ms on {shapes} (median of 5, "
                     f"{plan.cost_model.threads} threads), prediction {error:+.0%}")
     if abs(error) > LATENCY_TOLERANCE:
         check.detail += ("; outside the expected range: recalibrate on an idle machine (`qat-planner calibrate`), "

@@ -101,6 +101,7 @@ def test_latency_plan_validates_and_reports_measured_time():
     assert timing.name.startswith("int8 forward time against the cost model")
     assert timing.detail.startswith("predicted ")
     assert " ms, measured " in timing.detail
+    assert " ms on input_ids (1, 16) (median of 5, 2 threads), prediction " in timing.detail
     assert "11 of 11 checks passed" in report.render()  # the timing is reported, not counted
 
 
@@ -412,6 +413,18 @@ def test_gelu_fold_against_fp32():
     with torch.no_grad():
         assert (folded[0](inputs) - expected).abs().max().item() <= 1e-4
         assert torch.equal(folded[1](expected), expected)  # the GELU module is now an Identity
+
+
+def test_gelu_with_output_stub_folds():
+    # A plan may quantize at GELU's own output rather than at the next Linear's input.
+    from planner.emit import StubWrapper
+    from planner.optimize import _foldable_gelu
+
+    model = torch.nn.Sequential(torch.nn.Identity(), StubWrapper(torch.nn.GELU(approximate="tanh"), None, "quantize"))
+    holder, key = _foldable_gelu(model, "1")
+    assert (holder, key) == (model[1], "module")
+    model.append(StubWrapper(torch.nn.GELU(), "dequantize"))
+    assert _foldable_gelu(model, "2") == (None, "")
 
 
 def test_predict_folded_gelu(gpt2_small):
