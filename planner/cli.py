@@ -278,8 +278,6 @@ def calibrate_command(
     show: bool = typer.Option(False, "--show", help="Print the cached cost model without measuring."),
 ) -> None:
     """Measure this machine's cost of quantize, dequantize and each op class, for --objective latency."""
-    import torch
-
     from .costs import MAC_CLASSES, CostModel, calibrate, default_cost_model_path
 
     path = out or default_cost_model_path(threads)
@@ -304,7 +302,7 @@ def calibrate_command(
         weight = f"{cost.ns_per_weight:.4f}" if op.startswith(("linear", "conv")) else "–"
         table.add_row(op, domain, unit, f"{cost.fixed_us:.2f}", f"{cost.ns_per_unit:.4f}", weight)
     console.print(table)
-    console.print(f"{'read' if show else 'saved'} {path}" + ("" if show else f" ({torch.get_num_threads() if threads is None else threads} threads)"),
+    console.print(f"{'read' if show else 'saved'} {path}" + ("" if show else f" ({model.threads} threads)"),
                   highlight=False, soft_wrap=True)
 
 

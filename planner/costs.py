@@ -44,7 +44,8 @@ from .graph import Node, OpGraph
 logger = logging.getLogger(__name__)
 
 __all__ = ["OpCost", "CostModel", "LatencyCosts", "calibrate", "load_cost_model", "default_cost_model_path",
-           "latency_costs", "plan_latency_costs", "op_class", "weight_elements", "LatencyEstimate", "estimate", "predict"]
+           "latency_costs", "plan_latency_costs", "op_class", "weight_elements", "LatencyEstimate", "estimate", "predict",
+           "predict_graph"]
 
 # Format of the saved cost model; version 2 added the per-weight-element term.
 COST_MODEL_VERSION = 2
@@ -106,7 +107,7 @@ class CostModel(BaseModel):
         return f"torch {self.torch}, engine {self.engine}, {threads}, {self.cpu}"
 
     def mismatches(self) -> list[str]:
-        """Where this process differs from the machine state the model was measured in."""
+        """Return how this process differs from the setting the model was measured in (torch, engine, threads)."""
         found = []
         if self.torch != torch.__version__:
             found.append(f"torch {self.torch}, not {torch.__version__}")
@@ -206,10 +207,9 @@ def load_cost_model(path: str | Path | None = None, *, calibrate_if_missing: boo
     if not calibrate_if_missing:
         raise PlanError(f"no cost model for this machine at {cached}; run `qat-planner calibrate` first")
     logger.info("no cost model at %s; calibrating (a few seconds, once per torch version, engine, CPU and thread count)", cached)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", PlannerWarning)
-        model = calibrate()
-    if any(issubclass(w.category, PlannerWarning) for w in caught):
+    busy = _load_average() > BUSY_LOAD
+    model = calibrate()
+    if busy:
         # Timings taken while other processes ran would be reused by every later plan.
         warnings.warn(f"the machine was busy while calibrating, so the cost model is used for this plan only and not "
                       f"cached; run `qat-planner calibrate` on an idle machine to cache one at {cached}",
@@ -220,6 +220,14 @@ def load_cost_model(path: str | Path | None = None, *, calibrate_if_missing: boo
 
 
 # ---------------------------------------------------------------- calibration
+
+# One-minute load average above which calibration warns that other processes skew its timings.
+BUSY_LOAD = 0.5
+
+
+def _load_average() -> float:
+    """Return the one-minute load average, or 0 where the platform does not report it."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
 
 
 def _seconds_per_call(function: Callable[[], object], budget: float) -> float:
@@ -248,8 +256,8 @@ def _seconds_per_call(function: Callable[[], object], budget: float) -> float:
 def _fit(points: list[tuple[float, float, float]]) -> OpCost:
     """Fit ``seconds = fixed + per_unit * units + per_weight * weights`` to (units, weights, seconds).
 
-    Minimises the squared relative error, so that a call of a few microseconds is priced as closely
-    as one of many milliseconds, and keeps every coefficient non-negative: of the fits on each
+    The fit minimises the squared relative error, so that a call of a few microseconds is priced as
+    closely as one of many milliseconds. It keeps every coefficient non-negative: of the fits on each
     subset of the terms, the best one with no negative coefficient wins. A term that does not vary
     between the points cannot be told from the fixed cost and is left out.
     """
@@ -274,8 +282,7 @@ def _last_level_cache_bytes() -> int:
     """Size of the CPU's largest cache, from Linux sysfs; 32 MiB where it cannot be read."""
     sizes = []
     for entry in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
-        text = entry.read_text().strip() if entry.exists() else ""
-        match = re.fullmatch(r"(\d+)([KMG]?)", text)
+        match = re.fullmatch(r"(\d+)([KMG]?)", entry.read_text().strip())
         if match:
             sizes.append(int(match.group(1)) * {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[match.group(2)])
     return max(sizes, default=32 << 20)
@@ -320,13 +327,13 @@ def _linear_pool(k: int, n: int, kind: str, cache_bytes: int) -> Callable[[torch
             with torch.no_grad():
                 linear.weight.copy_(weight)
                 linear.bias.copy_(bias)
-        else:
-            linear = (nnq.Linear if kind == "int8" else Int8LinearFloatOutput)(k, n)
+        elif kind == "int8":
+            linear = nnq.Linear(k, n)
             linear.set_weight_bias(qweight, bias)
             linear.scale, linear.zero_point = 0.05, 128
-            if kind != "int8":
-                linear.gelu = "tanh" if kind == "int8 fp32 output gelu" else None
-                linear._prepare()
+        else:
+            gelu = "tanh" if kind == "int8 fp32 output gelu" else None
+            linear = Int8LinearFloatOutput.from_weight(qweight, bias, 0.05, 128, gelu)
         pool.append(linear)
     turns = itertools.cycle(pool)
     return lambda x: next(turns)(x)
@@ -469,8 +476,8 @@ def calibrate(threads: int | None = None, *, quick: bool = False, budget: float 
     ``threads`` sets torch's thread count for the measurement (and is restored after); the model is
     valid for that thread count only. ``budget`` is the seconds spent timing one call size.
     """
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    if load > 0.5:
+    load = _load_average()
+    if load > BUSY_LOAD:
         # Other processes share the cores, so every timing includes their work.
         warnings.warn(f"the machine is busy (load average {load:.1f}); the cost model measures that load too. "
                       "Calibrate on an idle machine for a usable model", PlannerWarning, stacklevel=2)
@@ -712,13 +719,23 @@ def predict(model: nn.Module, example_inputs, plan, cost_model: CostModel | None
     this machine's cached one. ``merged`` prices the converted model after
 ``merge_dequantize(converted, plan=plan)``.
     """
-    from .optimize import gelu_folds
     from .plan import _split_inputs
     from .trace import trace
 
-    cost_model = cost_model or plan.cost_model or load_cost_model()
     args, kwargs = _split_inputs(model, example_inputs, example_kwargs)
-    graph = trace(model, args, kwargs)
+    return predict_graph(trace(model, args, kwargs), plan, cost_model, model, merged=merged)
+
+
+def predict_graph(graph: OpGraph, plan, cost_model: CostModel | None = None, model: nn.Module | None = None, *,
+                  merged: bool = False) -> LatencyEstimate:
+    """Predict the int8 forward time of ``plan`` on an already traced ``graph``; see `predict`.
+
+    Raises:
+        PlanError: the plan does not cover every node of ``graph``.
+    """
+    from .optimize import gelu_folds
+
+    cost_model = cost_model or plan.cost_model or load_cost_model()
     missing = [n.name for n in graph.nodes() if n.name not in plan.nodes]
     if missing:
         raise PlanError(f"the plan does not cover {len(missing)} node(s) of this trace ({', '.join(missing[:3])}); "

@@ -23,8 +23,8 @@ from .errors import PlannerWarning
 
 __all__ = ["Int8LinearFloatOutput", "merge_dequantize", "merged_from_rows", "can_merge_dequantize", "gelu_folds"]
 
-# GELU's ``approximate`` argument and the name of the same function as a oneDNN post-op algorithm
-_GELU_ALGORITHMS = {"none": "none", "tanh": "tanh"}
+# Values of GELU's ``approximate`` argument; oneDNN's GELU post-op names its algorithms the same.
+_GELU_APPROXIMATIONS = frozenset({"none", "tanh"})
 
 
 def can_merge_dequantize() -> bool:
@@ -47,9 +47,17 @@ class Int8LinearFloatOutput(nnq.Linear):
 
     @classmethod
     def from_quantized(cls, linear: nnq.Linear, gelu: str | None = None) -> "Int8LinearFloatOutput":
-        merged = cls(linear.in_features, linear.out_features, bias_=linear.bias() is not None, dtype=linear.weight().dtype)
-        merged.set_weight_bias(linear.weight(), linear.bias())
-        merged.scale, merged.zero_point = linear.scale, linear.zero_point
+        """Return the merged form of a converted Linear, with the same weight, bias and output qparams."""
+        return cls.from_weight(linear.weight(), linear.bias(), linear.scale, linear.zero_point, gelu)
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, scale: float, zero_point: int,
+                    gelu: str | None = None) -> "Int8LinearFloatOutput":
+        """Return a merged Linear of a quantized ``weight`` (out x in), ``bias`` and output qparams."""
+        out_features, in_features = weight.shape
+        merged = cls(in_features, out_features, bias_=bias is not None, dtype=weight.dtype)
+        merged.set_weight_bias(weight, bias)
+        merged.scale, merged.zero_point = scale, zero_point
         merged.gelu = gelu
         merged._prepare()
         # The packed weight is derived data: loading new weights packs them again.
@@ -82,7 +90,7 @@ class Int8LinearFloatOutput(nnq.Linear):
             output = super().forward(x).dequantize()
             return torch.nn.functional.gelu(output, approximate=self.gelu) if self.gelu else output
         packed, scales, zero_points, bias = self._onednn
-        post_op, algorithm = ("gelu", _GELU_ALGORITHMS[self.gelu]) if self.gelu else ("none", "")
+        post_op, algorithm = ("gelu", self.gelu) if self.gelu else ("none", "")
         return torch.ops.onednn.qlinear_pointwise(
             x.int_repr(), x.q_scale(), x.q_zero_point(), packed, scales, zero_points, bias,
             1.0, 0, torch.float32, post_op, [], algorithm,
@@ -176,7 +184,7 @@ def merge_dequantize(model: nn.Module, *, plan=None, cost_model=None, inplace: b
 
 
 def _foldable_gelu(model: nn.Module, name: str | None) -> tuple[nn.Module | None, str]:
-    """Where the GELU the plan names sits in the converted model: (the module holding it, its key).
+    """Return where the GELU the plan names sits in the converted model: (the module holding it, its key).
 
     The GELU may sit in a StubWrapper, because emit wraps substituted modules, and the wrapper may
     quantize its output: the Identity left in its place passes the folded GELU's output to that
@@ -192,7 +200,7 @@ def _foldable_gelu(model: nn.Module, name: str | None) -> tuple[nn.Module | None
     module = holder._modules.get(key)
     if isinstance(module, StubWrapper) and not module.input_name and module.output_name in (None, "quant_out"):
         holder, key, module = module, "module", module._modules["module"]
-    if type(module) is nn.GELU and module.approximate in _GELU_ALGORITHMS:
+    if type(module) is nn.GELU and module.approximate in _GELU_APPROXIMATIONS:
         return holder, key
     return None, ""
 

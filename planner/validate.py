@@ -14,7 +14,7 @@ import torch.ao.quantization as tq
 from torch import nn
 from torch.ao.quantization.quantization_mappings import get_default_qat_module_mappings
 
-from .costs import plan_latency_costs, predict
+from .costs import plan_latency_costs, predict_graph
 from .emit import StubWrapper, emit
 from .errors import PlannerError
 from .graph import OpGraph
@@ -110,7 +110,7 @@ def validate(
     graph = trace(model, args, kwargs)
     checks = check_plan_static(graph, plan, _input_shapes(args, kwargs))
     if dynamic:
-        checks += check_plan_dynamic(model, args, kwargs, plan, steps=steps)
+        checks += check_plan_dynamic(model, args, kwargs, plan, steps=steps, graph=graph)
     return ValidationReport(checks)
 
 
@@ -251,8 +251,13 @@ def _run(model: nn.Module, args, kwargs) -> torch.Tensor:
     return _first_float(model(*args, **kwargs)).float()
 
 
-def check_plan_dynamic(model: nn.Module, args, kwargs, plan: Plan, *, steps: int = 2) -> list[Check]:
-    """Emit, compare fp32 outputs, prepare_qat, train ``steps`` SGD steps, convert, and compare int8 to fake-quant."""
+def check_plan_dynamic(model: nn.Module, args, kwargs, plan: Plan, *, steps: int = 2,
+                       graph: OpGraph | None = None) -> list[Check]:
+    """Emit, compare fp32 outputs, prepare_qat, train ``steps`` SGD steps, convert, and compare int8 to fake-quant.
+
+    A latency plan also gets its int8 forward timed against the prediction, priced on ``graph``
+    (the model traced on these inputs; traced here when not given).
+    """
     emission = Check("emit")
     try:
         emitted = emit(model, plan)
@@ -316,11 +321,11 @@ def check_plan_dynamic(model: nn.Module, args, kwargs, plan: Plan, *, steps: int
         swapped.detail = f"no QAT module in torch.ao, weights quantized only at convert: {', '.join(without_qat)}"
     checks = [emission, fp32, pipeline, closeness, swapped]
     if plan.cost_model is not None:
-        checks.append(_check_latency(model, converted, args, kwargs, plan))
+        checks.append(_check_latency(model, converted, args, kwargs, plan, graph or trace(model, args, kwargs)))
     return checks
 
 
-def _check_latency(model: nn.Module, converted: nn.Module, args, kwargs, plan: Plan) -> Check:
+def _check_latency(model: nn.Module, converted: nn.Module, args, kwargs, plan: Plan, graph: OpGraph) -> Check:
     """Time the int8 forward at the cost model's thread count and compare it with the prediction.
 
     The check has status "info" and does not fail validation, because a busy machine slows the
@@ -328,7 +333,7 @@ def _check_latency(model: nn.Module, converted: nn.Module, args, kwargs, plan: P
     """
     check = Check(f"int8 forward time against the cost model (within {LATENCY_TOLERANCE:.0%} expected)")
     check.status = "info"
-    predicted = predict(model, args, plan, example_kwargs=kwargs).total_ms
+    predicted = predict_graph(graph, plan, plan.cost_model, model).total_ms
     threads = torch.get_num_threads()
     torch.set_num_threads(plan.cost_model.threads)
     try:
