@@ -207,8 +207,9 @@ def _foldable_gelu(model: nn.Module, name: str | None) -> tuple[nn.Module | None
 
 def merged_from_rows(cost_model, in_features: int, out_features: int, gelu: bool) -> int:
     """Return the ``min_rows`` of a merged Linear: the smallest power of two, up to 2**20, of input
-    rows at which ``cost_model`` prices the merged call below the quantized Linear plus its
-    dequantize (and GELU); 2**21 when none."""
+    rows at which ``cost_model`` prices the merged call (and the Identity left for a folded GELU)
+    below the quantized Linear plus its dequantize (and GELU); 2**21 when none. `estimate` prices
+    a merge the same way."""
     if "linear_fp32_output" not in cost_model.int8 or (gelu and "linear_fp32_output_gelu" not in cost_model.int8):
         return 1
     weights = in_features * out_features
@@ -219,6 +220,8 @@ def merged_from_rows(cost_model, in_features: int, out_features: int, gelu: bool
         if gelu:
             separate += cost_model.node_ns("gelu", outputs, "fp32")
         merged = cost_model.node_ns("linear_fp32_output_gelu" if gelu else "linear_fp32_output", macs, "int8", weights)
+        if gelu:
+            merged += cost_model.node_ns("view", 0, "fp32")  # the Identity left where the GELU was
         if merged <= separate:
             return rows
     return 2**21

@@ -461,6 +461,16 @@ def test_merged_from_rows_threshold():
     assert merged_from_rows(costs, 100, 100, gelu=False) == 1
 
 
+def test_merged_from_rows_with_gelu():
+    costs = cost_model(20.0)
+    costs.int8["linear"] = OpCost(fixed_us=20.0, ns_per_unit=0.005)
+    costs.int8["linear_fp32_output"] = OpCost(fixed_us=40.0, ns_per_unit=0.005)
+    costs.int8["linear_fp32_output_gelu"] = OpCost(fixed_us=40.0, ns_per_unit=0.005)
+    # Separate: 20 us + dequantize 5 us + GELU 1 us, and 0.1 + 1 ns per output element. Merged: 40 us
+    # plus the 1 us Identity left where the GELU was. 110 ns per row pays the 15 us from 137 rows.
+    assert merged_from_rows(costs, 100, 100, gelu=True) == 256
+
+
 def test_merged_linear_below_min_rows():
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.LayerNorm(32))
     inputs = torch.randn(8, 16, generator=torch.Generator().manual_seed(1))
