@@ -259,7 +259,7 @@ def _fit(points: list[tuple[float, float, float]]) -> OpCost:
     The fit minimises the squared relative error, so that a call of a few microseconds is priced as
     closely as one of many milliseconds. It keeps every coefficient non-negative: of the fits on each
     subset of the terms, the best one with no negative coefficient wins. A term that does not vary
-    between the points cannot be told from the fixed cost and is left out.
+    between the points cannot be separated from the fixed cost and is left out.
     """
     terms = ["fixed"] + [name for name, index in (("units", 0), ("weights", 1)) if len({p[index] for p in points}) > 1]
     values = {"fixed": lambda u, w: 1.0, "units": lambda u, w: u, "weights": lambda u, w: w}

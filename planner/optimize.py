@@ -206,10 +206,13 @@ def _foldable_gelu(model: nn.Module, name: str | None) -> tuple[nn.Module | None
 
 
 def merged_from_rows(cost_model, in_features: int, out_features: int, gelu: bool) -> int:
-    """Return the ``min_rows`` of a merged Linear: the smallest power of two, up to 2**20, of input
-    rows at which ``cost_model`` prices the merged call (and the Identity left for a folded GELU)
-    below the quantized Linear plus its dequantize (and GELU); 2**21 when none. `estimate` prices
-    a merge the same way."""
+    """Return the ``min_rows`` of a merged Linear, or 2**21 when the merge never pays.
+
+    That is the smallest power of two of input rows, up to 2**20, at which ``cost_model`` prices the
+    merged call below the separate calls. The merged side includes the Identity left for a folded
+    GELU, and the separate side the quantized Linear, its dequantize and the GELU. `estimate`
+    prices a merge the same way.
+    """
     if "linear_fp32_output" not in cost_model.int8 or (gelu and "linear_fp32_output_gelu" not in cost_model.int8):
         return 1
     weights = in_features * out_features

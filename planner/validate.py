@@ -255,8 +255,8 @@ def check_plan_dynamic(model: nn.Module, args, kwargs, plan: Plan, *, steps: int
                        graph: OpGraph | None = None) -> list[Check]:
     """Emit, compare fp32 outputs, prepare_qat, train ``steps`` SGD steps, convert, and compare int8 to fake-quant.
 
-    A latency plan also gets its int8 forward timed against the prediction, priced on ``graph``
-    (the model traced on these inputs; traced here when not given).
+    A latency plan also gets its int8 forward timed against the prediction. The prediction is
+    priced on ``graph``, the model traced on these inputs, which is traced here when not given.
     """
     emission = Check("emit")
     try:
